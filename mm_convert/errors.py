@@ -1,0 +1,21 @@
+"""Errors the tool reports as one line (no traceback unless --debug)."""
+
+
+class MMConvertError(Exception):
+    """Base class: the message names the file, key or option at fault and what was expected."""
+
+
+class LayoutError(MMConvertError):
+    """A parallel layout that does not fit the model or is malformed."""
+
+
+class ConfigError(MMConvertError):
+    """A missing or unsupported model config."""
+
+
+class CheckpointError(MMConvertError):
+    """A checkpoint file or tensor that is missing, corrupt, or not what the config says."""
+
+
+class VerifyError(MMConvertError):
+    """Two checkpoints that should hold the same tensors do not."""

@@ -1,0 +1,178 @@
+"""ParallelLayout: TP size and the per-stage layer lists of the vision encoder ("vit") and LLM ("llm").
+
+Lists are nested ``[chunk][stage]`` (virtual pipeline chunks outer); a flat list is one chunk. Flattened in
+order, chunk ``v`` of stage ``p`` is position ``v * pp + p``. Layer indices restart at 0 in every position.
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import LayoutError
+
+MODULES = ("vit", "llm")
+
+
+def parse_layer_list(value, option: str) -> tuple[tuple[int, ...], ...]:
+    """Accept ``[1,10,10,7]``, ``[[12,16]]``, ``"[[0,1],[1,2]]"``, ``"1,10,10,7"`` or a bare int."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = ast.literal_eval(text if text.startswith("[") else f"[{text}]")
+        except (ValueError, SyntaxError):
+            raise LayoutError(f"{option}: cannot parse {text!r}; expected a list such as [1,10,10,7] or [[12,16]]")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list) or not value:
+        raise LayoutError(f"{option}: expected a non-empty list of layer counts, got {value!r}")
+    nested = isinstance(value[0], (list, tuple))
+    chunks = value if nested else [value]
+    out = []
+    for chunk in chunks:
+        if not isinstance(chunk, (list, tuple)) or not chunk:
+            raise LayoutError(f"{option}: expected a list of lists of layer counts, got {value!r}")
+        row = []
+        for n in chunk:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise LayoutError(f"{option}: layer counts must be integers >= 0, got {n!r} in {value!r}")
+            row.append(n)
+        out.append(tuple(row))
+    if len({len(r) for r in out}) != 1:
+        raise LayoutError(f"{option}: every virtual chunk must list the same number of stages, got {value!r}")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tp_size: int
+    llm_pp_layers: tuple[tuple[int, ...], ...]
+    vit_pp_layers: tuple[tuple[int, ...], ...]
+    vit_tp_size: int = 0  # 0: same as tp_size
+
+    @classmethod
+    def create(cls, tp_size: int = 1, llm_pp_layers=None, vit_pp_layers=None, vit_tp_size: int = 0,
+               *, llm_layers: int | None = None, vit_layers: int | None = None,
+               prefix: str = "parallel_config") -> "ParallelLayout":
+        """Build from user values. Missing layer lists default to everything on one stage."""
+        for name, v in (("tp_size", tp_size), ("vit_tp_size", vit_tp_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "tp_size" else 0):
+                raise LayoutError(f"{prefix}.{name}: expected a positive integer, got {v!r}")
+        if llm_pp_layers is None and vit_pp_layers is None and llm_layers is not None and vit_layers is not None:
+            llm_pp_layers, vit_pp_layers = [llm_layers], [vit_layers]  # everything on one stage
+        for name, v in (("llm_pp_layers", llm_pp_layers), ("vit_pp_layers", vit_pp_layers)):
+            if v is None:
+                raise LayoutError(f"{prefix}.{name}: required (a list of layer counts per pipeline stage)")
+        layout = cls(tp_size, parse_layer_list(llm_pp_layers, f"{prefix}.llm_pp_layers"),
+                     parse_layer_list(vit_pp_layers, f"{prefix}.vit_pp_layers"), vit_tp_size)
+        layout.check_shape(prefix)
+        return layout
+
+    # ---- sizes -------------------------------------------------------------------------------------------
+    @property
+    def pp_size(self) -> int:
+        return len(self.llm_pp_layers[0])
+
+    @property
+    def vpp_size(self) -> int:
+        return len(self.llm_pp_layers)
+
+    @property
+    def num_positions(self) -> int:
+        return self.pp_size * self.vpp_size
+
+    @property
+    def effective_vit_tp(self) -> int:
+        return self.vit_tp_size or self.tp_size
+
+    def module_tp(self, module: str) -> int:
+        return self.effective_vit_tp if module == "vit" else self.tp_size
+
+    def module_tp_rank(self, module: str, tp_rank: int) -> int:
+        """TP rank of ``module``'s weights held by global tp rank ``tp_rank`` (vision TP may be smaller:
+        then vision weights are replicated over contiguous groups of tp_size / vit_tp_size ranks)."""
+        return tp_rank * self.module_tp(module) // self.tp_size
+
+    # ---- positions ---------------------------------------------------------------------------------------
+    def counts(self, module: str) -> list[int]:
+        """Layer count per flat position."""
+        lists = self.vit_pp_layers if module == "vit" else self.llm_pp_layers
+        return [n for chunk in lists for n in chunk]
+
+    def position(self, vpp_rank: int, pp_rank: int) -> int:
+        return vpp_rank * self.pp_size + pp_rank
+
+    def split_position(self, pos: int) -> tuple[int, int]:
+        """(vpp_rank, pp_rank) of a flat position."""
+        return divmod(pos, self.pp_size)
+
+    def layer_range(self, module: str, pos: int) -> range:
+        """Global layer indices of ``module`` held at flat position ``pos``."""
+        counts = self.counts(module)
+        start = sum(counts[:pos])
+        return range(start, start + counts[pos])
+
+    def locate(self, module: str, layer: int) -> tuple[int, int]:
+        """(flat position, local index) of a global layer."""
+        for pos in range(self.num_positions):
+            r = self.layer_range(module, pos)
+            if layer in r:
+                return pos, layer - r.start
+        raise LayoutError(f"{module} layer {layer} is not placed by the layout")
+
+    def first_position(self, module: str) -> int | None:
+        nonzero = [p for p, n in enumerate(self.counts(module)) if n]
+        return nonzero[0] if nonzero else None
+
+    def last_position(self, module: str) -> int | None:
+        nonzero = [p for p, n in enumerate(self.counts(module)) if n]
+        return nonzero[-1] if nonzero else None
+
+    # ---- checks ------------------------------------------------------------------------------------------
+    def check_shape(self, prefix: str = "parallel_config") -> None:
+        if len(self.llm_pp_layers) != len(self.vit_pp_layers) or len(self.llm_pp_layers[0]) != len(self.vit_pp_layers[0]):
+            raise LayoutError(
+                f"{prefix}.llm_pp_layers {_fmt(self.llm_pp_layers)} and {prefix}.vit_pp_layers {_fmt(self.vit_pp_layers)} "
+                f"must have the same shape (chunks x stages)")
+        if self.vit_tp_size and (self.vit_tp_size > self.tp_size or self.tp_size % self.vit_tp_size):
+            raise LayoutError(f"{prefix}.vit_tp_size {self.vit_tp_size} must divide {prefix}.tp_size {self.tp_size}")
+        last_vit = self.last_position("vit")
+        first_llm = self.first_position("llm")
+        if last_vit is not None and first_llm is not None and first_llm < last_vit:
+            raise LayoutError(
+                f"{prefix}: the vision encoder must come before the LLM, but llm_pp_layers {_fmt(self.llm_pp_layers)} "
+                f"places LLM layers at position {first_llm}, before the last vision layers at position {last_vit} "
+                f"(vit_pp_layers {_fmt(self.vit_pp_layers)})")
+
+    def check_layer_counts(self, vit_layers: int, llm_layers: int, prefix: str = "parallel_config") -> None:
+        for module, want, lists in (("vit", vit_layers, self.vit_pp_layers), ("llm", llm_layers, self.llm_pp_layers)):
+            got = sum(self.counts(module))
+            if got != want:
+                what = "vision depth" if module == "vit" else "num_hidden_layers"
+                raise LayoutError(f"{prefix}.{module}_pp_layers {_fmt(lists)} sums to {got}, but the config's {what} is {want}")
+
+    def check_divisible(self, sizes: Sequence[tuple[str, str, int]], prefix: str = "parallel_config") -> None:
+        """sizes: (module, description, value) that the module's TP size must divide."""
+        for module, what, value in sizes:
+            tp = self.module_tp(module)
+            if value % tp:
+                opt = "vit_tp_size" if module == "vit" and self.vit_tp_size else "tp_size"
+                raise LayoutError(f"{prefix}.{opt} {tp} does not divide the {what} ({value})")
+
+    def describe(self) -> str:
+        s = f"tp={self.tp_size}"
+        if self.vit_tp_size and self.vit_tp_size != self.tp_size:
+            s += f" vit_tp={self.vit_tp_size}"
+        return s + f" pp={self.pp_size}" + (f" vpp={self.vpp_size}" if self.vpp_size > 1 else "") + \
+            f" llm={_fmt(self.llm_pp_layers)} vit={_fmt(self.vit_pp_layers)}"
+
+    def to_dict(self) -> dict:
+        return {"tp_size": self.tp_size, "vit_tp_size": self.vit_tp_size,
+                "llm_pp_layers": [list(c) for c in self.llm_pp_layers],
+                "vit_pp_layers": [list(c) for c in self.vit_pp_layers]}
+
+
+def _fmt(lists) -> str:
+    return "[" + ",".join("[" + ",".join(map(str, c)) + "]" for c in lists) + "]"
