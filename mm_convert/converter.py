@@ -1,0 +1,360 @@
+"""Converters: the Python API. The CLI (cli.py) parses options and calls these methods, nothing more.
+
+A converter class binds a model spec (mm_convert/models/<family>.py) to the generic engine. Commands:
+``hf_to_mm``, ``mm_to_hf``, ``resplit``, ``verify`` and ``plan`` (a dry run of any of the first three).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from . import __version__
+from .errors import CheckpointError, ConfigError, LayoutError, VerifyError
+from .execute import Sources, materialize, same_bits, write_file
+from .formats import hf as hf_format
+from .formats import mm as mm_format
+from .layout import ParallelLayout
+from .models import qwen2_5_vl
+from .output import atomic_output_dir
+from .plan import OutputFile, check_coverage, compose, hf_files_plan, hf_to_mm_plan, invert
+from .progress import Progress
+
+MANIFEST = "mm_convert_manifest.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+@dataclass
+class Result:
+    """What a command did (or, for ``plan``, would do)."""
+    command: str
+    output: str | None
+    layout: str
+    files: list[OutputFile]
+    bytes: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tensors(self) -> int:
+        return sum(1 for f in self.files for _ in f.tensors)
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    mismatched: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)      # expected in MM shards, not there
+    unexpected: list[str] = field(default_factory=list)   # in MM shards, not expected
+    unused_hf: list[str] = field(default_factory=list)    # HF tensors no MM tensor comes from
+
+    @property
+    def ok(self) -> bool:
+        return not (self.mismatched or self.missing or self.unexpected or self.unused_hf)
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"OK: {self.checked} MM tensors equal their HF source, bit for bit; every HF tensor is covered"
+        parts = []
+        for what, items in (("mismatched", self.mismatched), ("missing", self.missing),
+                            ("unexpected", self.unexpected), ("HF tensors not covered", self.unused_hf)):
+            if items:
+                parts.append(f"{len(items)} {what} (first: {items[0]})")
+        return f"FAILED after checking {self.checked} tensors: " + "; ".join(parts)
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            try:
+                return int(float(s[: -len(u)]) * mult)
+            except ValueError:
+                break
+    if s.isdigit():
+        return int(s)
+    raise ConfigError(f"--cfg.max_shard_size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+
+
+class Converter:
+    """Generic over a model spec module (see models/qwen2_5_vl.py for what a spec provides)."""
+    spec: ModuleType
+
+    def __init__(self, progress: bool = True):
+        self.progress = progress
+
+    # ---- inputs ------------------------------------------------------------------------------------------
+    def _dims(self, cfg: dict, source: str):
+        dims = self.spec.dims_from_config(cfg, source)
+        self.spec.check_config(dims, source)
+        return dims
+
+    def _open_hf(self, hf_dir, option="--cfg.hf_config.hf_dir"):
+        cfg = hf_format.load_config(hf_dir, option)
+        dims = self._dims(cfg, str(Path(hf_dir) / "config.json"))
+        reader = hf_format.HFReader(hf_dir)
+        expected = self.spec.hf_shapes(dims)
+        names = set(reader.names())
+        root = Path(hf_dir)
+        missing = [n for n in expected if n not in names]
+        if missing:
+            raise CheckpointError(f"{root}: tensor {hf_format.from_legacy(missing[0], reader.scheme)} is missing"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                                  + f"; expected by config.json ({dims.layers} layers, vision depth {dims.vit_layers}"
+                                  + (", tied embeddings" if dims.tied else "") + ")")
+        extra = sorted(names - set(expected))
+        if extra:
+            n0 = extra[0]
+            raise CheckpointError(f"{root / reader.file_of(n0)}: unexpected tensor {hf_format.from_legacy(n0, reader.scheme)}"
+                                  + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                                  + "; it is not part of a Qwen2.5-VL model with this config.json")
+        dtypes = {}
+        for n, shape in expected.items():
+            dt, got = reader.meta(n)
+            if tuple(got) != tuple(shape):
+                raise CheckpointError(f"{root / reader.file_of(n)}: {hf_format.from_legacy(n, reader.scheme)} has shape "
+                                      f"{list(got)}, config.json expects {list(shape)}")
+            dtypes[n] = dt
+        return cfg, dims, reader, expected, dtypes
+
+    def _layout(self, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, prefix) -> ParallelLayout:
+        layout = ParallelLayout.create(tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
+                                       llm_layers=dims.layers, vit_layers=dims.vit_layers, prefix=prefix)
+        layout.check_layer_counts(dims.vit_layers, dims.layers, prefix)
+        layout.check_divisible(self.spec.tp_divisible(dims), prefix)
+        return layout
+
+    def _mm_plan(self, dims, layout, shapes, dtypes) -> list[OutputFile]:
+        files = hf_to_mm_plan(self.spec.rules(dims, layout.pp_size), layout, shapes, dtypes)
+        check_coverage(files)
+        return files
+
+    def _open_mm(self, mm_dir, hf_dir, option, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, prefix):
+        """Reader, config, dims, layout and checked source plan of an MM checkpoint."""
+        reader = mm_format.MMReader(mm_dir, option)
+        manifest = read_manifest(mm_dir)
+        if hf_dir is not None:
+            cfg = hf_format.load_config(hf_dir)
+            source = str(Path(hf_dir) / "config.json")
+        elif manifest and isinstance(manifest.get("hf_config"), dict):
+            cfg, source = manifest["hf_config"], str(Path(mm_dir) / MANIFEST)
+        else:
+            raise ConfigError(f"{option} {mm_dir}: no {MANIFEST} with the model config; pass --cfg.hf_config.hf_dir "
+                              f"(the original HF directory, for its config.json)")
+        dims = self._dims(cfg, source)
+        found = reader.infer_layout(dims.vit_hidden)
+        if tp_size is not None or llm_pp_layers is not None or vit_pp_layers is not None:
+            given = self._layout(dims, tp_size if tp_size is not None else found.tp_size,
+                                 llm_pp_layers if llm_pp_layers is not None else [list(c) for c in found.llm_pp_layers],
+                                 vit_pp_layers if vit_pp_layers is not None else [list(c) for c in found.vit_pp_layers],
+                                 vit_tp_size if vit_tp_size is not None else found.vit_tp_size, prefix)
+            if (given.tp_size, given.llm_pp_layers, given.vit_pp_layers, given.effective_vit_tp) != \
+                    (found.tp_size, found.llm_pp_layers, found.vit_pp_layers, found.effective_vit_tp):
+                raise LayoutError(f"{prefix}: {given.describe()} does not match the shards in {reader.iter_dir}, "
+                                  f"which hold {found.describe()}")
+        layout = self._layout(dims, found.tp_size, [list(c) for c in found.llm_pp_layers],
+                              [list(c) for c in found.vit_pp_layers], found.vit_tp_size, f"{option} {mm_dir}")
+        shapes = self.spec.hf_shapes(dims)
+        plan = self._mm_plan(dims, layout, shapes, {n: None for n in shapes})
+        check_shards_match(reader, plan)
+        scheme = (manifest or {}).get("hf_key_scheme", "legacy")
+        return reader, cfg, dims, layout, shapes, plan, scheme
+
+    # ---- commands ----------------------------------------------------------------------------------------
+    def hf_to_mm(self, hf_dir, mm_dir, tp_size: int = 1, llm_pp_layers=None, vit_pp_layers=None, vit_tp_size: int = 0,
+                 *, overwrite: bool = False, dry_run: bool = False) -> Result:
+        """Convert an HF checkpoint directory into an MM checkpoint (``release``) with the given layout."""
+        cfg, dims, reader, shapes, dtypes = self._open_hf(hf_dir)
+        layout = self._layout(dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, "--cfg.parallel_config")
+        files = self._mm_plan(dims, layout, shapes, dtypes)
+        result = Result("hf_to_mm", str(mm_dir), layout.describe(), files)
+        if dry_run:
+            return result
+        manifest = {"hf_config": cfg, "hf_key_scheme": reader.scheme, "source": str(Path(hf_dir).absolute())}
+        return self._write_mm(result, mm_dir, layout, Sources(hf=reader), [hf_dir], overwrite, manifest)
+
+    def mm_to_hf(self, mm_dir, save_hf_dir, hf_dir=None, tp_size=None, llm_pp_layers=None, vit_pp_layers=None,
+                 vit_tp_size=None, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
+                 dry_run: bool = False) -> Result:
+        """Convert an MM checkpoint back to HF safetensors. The layout is read off the shards (given values
+        are checked against them). ``hf_dir``: the original HF directory, for config, tokenizer and processor files."""
+        reader, cfg, dims, layout, shapes, plan, scheme = self._open_mm(
+            mm_dir, hf_dir, "--cfg.mm_dir", tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, "--cfg.parallel_config")
+        if hf_dir is not None:
+            try:
+                scheme = hf_format.HFReader(hf_dir).scheme
+            except CheckpointError:
+                pass  # a reference dir without weights: keep the scheme recorded at conversion
+        inv = invert(plan, shapes)
+        files = hf_files_plan(inv, shapes, lambda ref: reader.meta(ref)[0],
+                              lambda n: hf_format.from_legacy(n, scheme), parse_size(max_shard_size))
+        check_coverage(files)
+        result = Result("mm_to_hf", str(save_hf_dir), layout.describe(), files)
+        if dry_run:
+            return result
+        sources = Sources(mm=reader)
+        with self._output(save_hf_dir, "--cfg.save_hf_dir", [mm_dir], overwrite) as out:
+            result.bytes = self._execute(files, out, "hf", sources, "mm_to_hf")
+            if len(files) > 1:
+                hf_format.write_index(out / hf_format.INDEX, {t.key: f.path for f in files for t in f.tensors},
+                                      sum(f.nbytes for f in files))
+            copied = copy_non_weight_files(hf_dir, out) if hf_dir is not None else []
+            if "config.json" not in copied:
+                (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            result.notes.append("copied from reference: " + (", ".join(copied) if copied else "none (config.json from manifest)"))
+        result.seconds = time.monotonic() - self._t0
+        return result
+
+    def resplit(self, source_dir, target_dir, tp_size: int = 1, llm_pp_layers=None, vit_pp_layers=None,
+                vit_tp_size: int = 0, *, source_tp_size=None, source_llm_pp_layers=None, source_vit_pp_layers=None,
+                source_vit_tp_size=None, hf_dir=None, overwrite: bool = False, dry_run: bool = False) -> Result:
+        """Reshard an MM checkpoint to another TP / PP / VPP layout directly (no HF files in between)."""
+        reader, cfg, dims, src_layout, shapes, src_plan, scheme = self._open_mm(
+            source_dir, hf_dir, "--cfg.source_dir", source_tp_size, source_llm_pp_layers, source_vit_pp_layers,
+            source_vit_tp_size, "--cfg.source_parallel_config")
+        layout = self._layout(dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, "--cfg.target_parallel_config")
+        inv = invert(src_plan, shapes)
+        dtypes = {n: reader.meta(inv[n][0].src)[0] for n in shapes}
+        files = compose(self._mm_plan(dims, layout, shapes, dtypes), inv)
+        check_coverage(files)
+        result = Result("resplit", str(target_dir), f"{src_layout.describe()} -> {layout.describe()}", files)
+        if dry_run:
+            return result
+        manifest = {"hf_config": cfg, "hf_key_scheme": scheme, "source": str(Path(source_dir).absolute())}
+        return self._write_mm(result, target_dir, layout, Sources(mm=reader), [source_dir], overwrite, manifest)
+
+    def verify(self, hf_dir, mm_dir, tp_size=None, llm_pp_layers=None, vit_pp_layers=None, vit_tp_size=None) -> VerifyReport:
+        """Compare every tensor of an MM checkpoint with what its HF checkpoint says it must be, bit for bit."""
+        cfg, dims, hf_reader, shapes, dtypes = self._open_hf(hf_dir)
+        reader = mm_format.MMReader(mm_dir)
+        layout = reader.infer_layout(dims.vit_hidden)
+        if tp_size is not None or llm_pp_layers is not None:
+            want = self._layout(dims, tp_size or layout.tp_size, llm_pp_layers or [list(c) for c in layout.llm_pp_layers],
+                                vit_pp_layers or [list(c) for c in layout.vit_pp_layers], vit_tp_size or 0, "--cfg.parallel_config")
+            if (want.tp_size, want.llm_pp_layers, want.vit_pp_layers) != (layout.tp_size, layout.llm_pp_layers, layout.vit_pp_layers):
+                raise LayoutError(f"--cfg.parallel_config: {want.describe()} does not match the shards, which hold {layout.describe()}")
+        layout = self._layout(dims, layout.tp_size, [list(c) for c in layout.llm_pp_layers],
+                              [list(c) for c in layout.vit_pp_layers], layout.vit_tp_size, "--cfg.mm_dir")
+        plan = self._mm_plan(dims, layout, shapes, dtypes)
+        report = VerifyReport()
+        used = set()
+        hf_sources = Sources(hf=hf_reader)
+        bar = Progress(sum(f.nbytes for f in plan), "verify", self.progress)
+        with bar:
+            for f in plan:
+                slots = reader.slots(f.path)
+                for slot, tensors in f.slots.items():
+                    have = slots.get(slot, {})
+                    want_keys = {t.key for t in tensors}
+                    report.unexpected += [f"{f.path}:{slot}.{k}" for k in have if k not in want_keys]
+                    for t in tensors:
+                        used.update(p.src.key for p in t.pieces)
+                        if t.key not in have:
+                            report.missing.append(f"{f.path}:{slot}.{t.key}")
+                            continue
+                        report.checked += 1
+                        if not same_bits(materialize(t, hf_sources), have[t.key]):
+                            report.mismatched.append(f"{f.path}:{slot}.{t.key}")
+                        bar.advance(t.nbytes)
+                for slot in slots:
+                    if slot not in f.slots:
+                        report.unexpected.append(f"{f.path}:{slot}")
+        report.unused_hf = [n for n in shapes if n not in used]
+        return report
+
+    # ---- execution ---------------------------------------------------------------------------------------
+    def _write_mm(self, result: Result, mm_dir, layout: ParallelLayout, sources: Sources, src_dirs, overwrite, manifest):
+        option = "--cfg.target_dir" if result.command == "resplit" else "--cfg.mm_dir"
+        with self._output(mm_dir, option, src_dirs, overwrite) as out:
+            it = out / "release"
+            result.bytes = self._execute(result.files, it, "mm", sources, result.command)
+            mm_format.write_tracker(out, "release")
+            write_manifest(out, result, layout, manifest)
+        result.seconds = time.monotonic() - self._t0
+        return result
+
+    @contextmanager
+    def _output(self, target, option, sources, overwrite):
+        """Atomic output directory; the command's wall time counts from here."""
+        self._t0 = time.monotonic()
+        with atomic_output_dir(target, option, sources, overwrite) as out:
+            yield out
+
+    def _execute(self, files: list[OutputFile], root: Path, kind: str, sources: Sources, what: str) -> int:
+        total = 0
+        with Progress(sum(f.nbytes for f in files), what, self.progress) as bar:
+            for f in files:
+                total += write_file(f, root, kind, sources, bar.advance)
+        return total
+
+
+def check_shards_match(reader: mm_format.MMReader, plan: list[OutputFile]) -> None:
+    """Each shard holds exactly the tensors (names and shapes) that the layout puts there."""
+    for f in plan:
+        slots = reader.slots(f.path)
+        path = reader.iter_dir / f.path
+        for slot, tensors in f.slots.items():
+            if slot not in slots:
+                raise CheckpointError(f"{path}: no '{slot}' state dict; the layout expects one")
+            have = slots[slot]
+            for t in tensors:
+                if t.key not in have:
+                    raise CheckpointError(f"{path}: tensor {slot}.{t.key} is missing; the layout puts it in this shard")
+                if tuple(have[t.key].shape) != tuple(t.shape):
+                    raise CheckpointError(f"{path}: {slot}.{t.key} has shape {list(have[t.key].shape)}, expected "
+                                          f"{list(t.shape)} for this layout and config")
+            extra = [k for k in have if k not in {t.key for t in tensors}]
+            if extra:
+                raise CheckpointError(f"{path}: unexpected tensor {slot}.{extra[0]}"
+                                      + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                                      + "; not part of this layout")
+        for slot in slots:
+            if slot not in f.slots:
+                raise CheckpointError(f"{path}: unexpected model chunk '{slot}' for this layout")
+
+
+def copy_non_weight_files(hf_dir, out: Path) -> list[str]:
+    copied = []
+    for name in hf_format.NON_WEIGHT_FILES:
+        src = Path(hf_dir) / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+            copied.append(name)
+    return copied
+
+
+def read_manifest(mm_dir) -> dict | None:
+    p = Path(mm_dir) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e})")
+
+
+def write_manifest(out: Path, result: Result, layout: ParallelLayout, extra: dict) -> None:
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            files[str(p.relative_to(out))] = {"size": p.stat().st_size}
+    doc = {"tool": "mm_convert", "version": __version__, "command": result.command, "layout": layout.to_dict(),
+           **extra, "files": files}
+    (out / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+class Qwen2_5_VLConverter(Converter):
+    """Qwen2.5-VL (3B / 7B / 32B / 72B and any size with the same architecture)."""
+    spec = qwen2_5_vl
+
+
+CONVERTERS = {"Qwen2_5_VLConverter": Qwen2_5_VLConverter}

@@ -1,0 +1,198 @@
+"""Hugging Face checkpoint directories: lazy reader and streaming safetensors writer.
+
+The reader accepts a single ``model.safetensors`` or shards listed by ``model.safetensors.index.json``, in the
+legacy key scheme (``model.layers.N``, ``visual.*``: the hub files) or the newer one
+(``model.language_model.layers.N``, ``model.visual.*``). It exposes legacy names; ``scheme`` remembers which
+one was read so a writer can write the same back. Tensors are read one at a time, sliced before reading.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError, ConfigError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Files beside the weights that describe the model and its inputs; mm_to_hf copies them from a reference dir.
+NON_WEIGHT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+                    "chat_template.json", "chat_template.jinja", "tokenizer.model")
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+def to_legacy(key: str) -> str:
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    return key
+
+
+def from_legacy(key: str, scheme: str) -> str:
+    if scheme == "new":
+        if key.startswith("visual."):
+            return "model." + key
+        if key.startswith("model."):
+            return "model.language_model." + key[len("model."):]
+    return key
+
+
+def load_config(hf_dir: str | os.PathLike, option: str = "--cfg.hf_config.hf_dir") -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not Path(hf_dir).is_dir():
+        raise ConfigError(f"{option} {hf_dir}: not a directory; expected a Hugging Face checkpoint directory")
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; expected the model's config.json in {option}")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})")
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return cfg
+
+
+class HFReader:
+    """Lazy access to the tensors of an HF directory under legacy names."""
+
+    def __init__(self, hf_dir: str | os.PathLike):
+        self.root = Path(hf_dir)
+        index = self.root / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e}); expected a 'weight_map' object")
+        elif (self.root / SINGLE).is_file():
+            weight_map = None
+        else:
+            raise CheckpointError(f"{self.root}: no {SINGLE} or {INDEX}; expected a Hugging Face safetensors checkpoint")
+        self._handles: dict[str, object] = {}
+        self._file_of: dict[str, str] = {}  # legacy name -> file
+        self._key_of: dict[str, str] = {}   # legacy name -> key in its file
+        files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
+        for fname in files:
+            if not (self.root / fname).is_file():
+                raise CheckpointError(f"{self.root / fname}: missing; {INDEX} lists it")
+            keys = self._open(fname).keys()
+            for k in keys:
+                self._file_of[to_legacy(k)] = fname
+                self._key_of[to_legacy(k)] = k
+        if weight_map:
+            for k, fname in weight_map.items():
+                if self._file_of.get(to_legacy(k)) != fname:
+                    raise CheckpointError(f"{self.root / fname}: has no tensor {k}, which {INDEX} places there")
+        new = any(k != to_legacy(k) for k in self._key_of.values())
+        self.scheme = "new" if new else "legacy"
+        self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+
+    def _open(self, fname: str):
+        h = self._handles.get(fname)
+        if h is None:
+            try:
+                h = safe_open(str(self.root / fname), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"{self.root / fname}: not a readable safetensors file ({str(e).splitlines()[0]})")
+            _check_data_size(self.root / fname)
+            self._handles[fname] = h
+        return h
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def file_of(self, name: str) -> str:
+        return self._file_of[name]
+
+    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        m = self._meta.get(name)
+        if m is None:
+            sl = self._open(self._file_of[name]).get_slice(self._key_of[name])
+            dt = ST_DTYPES.get(sl.get_dtype())
+            if dt is None:
+                raise CheckpointError(f"{self.root / self._file_of[name]}: {self._key_of[name]} has unsupported dtype {sl.get_dtype()}")
+            m = self._meta[name] = (dt, tuple(sl.get_shape()))
+        return m
+
+    def read(self, name: str, start: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The tensor, or the box ``start + shape`` of it; only the needed rows are read from disk."""
+        h = self._open(self._file_of[name])
+        full = self.meta(name)[1]
+        try:
+            if start is None or (all(s == 0 for s in start) and tuple(shape) == full):
+                return h.get_tensor(self._key_of[name])
+            sl = h.get_slice(self._key_of[name])
+            return sl[tuple(slice(s, s + n) for s, n in zip(start, shape))]
+        except Exception as e:
+            raise CheckpointError(f"{self.root / self._file_of[name]}: cannot read {self._key_of[name]} ({str(e).splitlines()[0]})")
+
+    def weight_files(self) -> list[str]:
+        return sorted(set(self._file_of.values()))
+
+
+def _check_data_size(path: Path) -> None:
+    """Catch truncated files up front: the header's last data offset must match the file size."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated (no safetensors header)")
+        n = struct.unpack("<Q", head)[0]
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    size = path.stat().st_size
+    if size < 8 + n + end:
+        raise CheckpointError(f"{path}: truncated ({size} bytes, header needs {8 + n + end})")
+
+
+# ---- writer ----------------------------------------------------------------------------------------------
+def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      produce: Callable[[int], torch.Tensor], metadata: dict | None = None) -> int:
+    """Write a safetensors file tensor by tensor: the header comes from (name, dtype, shape) alone, then
+    ``produce(i)`` supplies tensor i, whose bytes are written and dropped. Returns bytes written."""
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in entries:
+        n = _numel(shape) * dtype.itemsize
+        header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for i, (name, dtype, shape) in enumerate(entries):
+            t = produce(i)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"{path}: {name} came out as {t.dtype} {tuple(t.shape)}, planned {dtype} {tuple(shape)}")
+            write_tensor_bytes(f, t)
+        f.flush()
+        os.fsync(f.fileno())
+    return 8 + len(blob) + offset
+
+
+def write_tensor_bytes(f, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    if t.numel():
+        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def write_index(path: str | os.PathLike, weight_map: dict[str, str], total_size: int) -> None:
+    Path(path).write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n")

@@ -1,0 +1,193 @@
+"""MindSpeed-MM / Megatron checkpoint directories (torch files per TP x PP rank).
+
+    <mm_dir>/latest_checkpointed_iteration.txt   "release" or an iteration number
+    <mm_dir>/release/ or iter_0005000/
+        mp_rank_{tp:02d}/model_optim_rng.pt           (pp == 1)
+        mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt  (pp > 1)
+each a dict {"model": state_dict, "checkpoint_version": 3.0}; with virtual pipeline "model0", "model1", ...
+Files are opened with ``weights_only=True`` and ``mmap=True``: nothing runs from the pickle, and tensors are
+views of the mapped file, read from disk only when sliced and copied.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import CheckpointError
+from ..layout import ParallelLayout
+from ..plan import Ref, shard_path
+
+TRACKER = "latest_checkpointed_iteration.txt"
+SHARD_FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+_SLOT = re.compile(r"^model(\d*)$")
+_LAYER = {"vit": re.compile(r"^image_encoder\.encoder\.blocks\.layers\.(\d+)\."),
+          "llm": re.compile(r"^text_decoder\.decoder\.layers\.(\d+)\.")}
+
+
+def iteration_dir_name(iteration: str | int) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def resolve_iteration_dir(mm_dir: str | os.PathLike, option: str = "--cfg.mm_dir") -> Path:
+    """The directory holding mp_rank_* of an MM checkpoint, following latest_checkpointed_iteration.txt."""
+    root = Path(mm_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{option} {root}: not a directory; expected an MM checkpoint directory")
+    if any(_RANK_DIR.match(p.name) for p in root.iterdir()):
+        return root  # given the iteration directory itself
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        raise CheckpointError(f"{tracker}: missing; expected 'release' or an iteration number, and the shards under it")
+    text = tracker.read_text().strip()
+    if text != "release" and not text.isdigit():
+        raise CheckpointError(f"{tracker}: holds {text!r}; expected 'release' or an iteration number")
+    it = root / iteration_dir_name(text)
+    if not it.is_dir():
+        raise CheckpointError(f"{tracker}: names iteration {text!r} but {it} does not exist")
+    return it
+
+
+class MMReader:
+    """Lazy access to the shards of an MM checkpoint."""
+
+    def __init__(self, mm_dir: str | os.PathLike, option: str = "--cfg.mm_dir"):
+        self.iter_dir = resolve_iteration_dir(mm_dir, option)
+        ranks = {}
+        for p in self.iter_dir.iterdir():
+            m = _RANK_DIR.match(p.name)
+            if m:
+                if m.group(3) is not None:
+                    raise CheckpointError(f"{p}: expert-parallel shards are not supported for this model")
+                ranks[(int(m.group(1)), int(m.group(2) or 0))] = p.name
+        if not ranks:
+            raise CheckpointError(f"{self.iter_dir}: no mp_rank_* directories")
+        self.tp_size = max(t for t, _ in ranks) + 1
+        self.pp_size = max(p for _, p in ranks) + 1
+        for t in range(self.tp_size):
+            for p in range(self.pp_size):
+                rel = shard_path(t, p, self.pp_size)
+                if not (self.iter_dir / rel).is_file():
+                    raise CheckpointError(f"{self.iter_dir / rel}: missing; the checkpoint has tp={self.tp_size} "
+                                          f"pp={self.pp_size} and needs a shard for every (tp, pp) rank")
+        self._loaded: dict[str, dict] = {}
+
+    def shard_paths(self) -> list[str]:
+        return [shard_path(t, p, self.pp_size) for t in range(self.tp_size) for p in range(self.pp_size)]
+
+    def slots(self, rel: str) -> dict[str, dict[str, torch.Tensor]]:
+        """{slot: state dict} of one shard, without ``_extra_state`` entries."""
+        if rel not in self._loaded:
+            path = self.iter_dir / rel
+            obj = load_torch_file(path)
+            if not isinstance(obj, dict):
+                raise CheckpointError(f"{path}: expected a dict with a 'model' entry, got {type(obj).__name__}")
+            slots = {}
+            for k, v in obj.items():
+                if isinstance(k, str) and _SLOT.match(k) and isinstance(v, dict):
+                    slots[k] = {n: t for n, t in v.items() if not n.endswith("_extra_state")}
+            if not slots:
+                raise CheckpointError(f"{path}: no 'model' (or 'model0', ...) state dict inside")
+            for slot, sd in slots.items():
+                for n, t in sd.items():
+                    if not isinstance(t, torch.Tensor):
+                        raise CheckpointError(f"{path}: {slot}.{n} is a {type(t).__name__}, expected a tensor")
+            self._loaded[rel] = slots
+        return self._loaded[rel]
+
+    def meta(self, ref: Ref) -> tuple[torch.dtype, tuple[int, ...]]:
+        t = self._tensor(ref)
+        return t.dtype, tuple(t.shape)
+
+    def _tensor(self, ref: Ref) -> torch.Tensor:
+        try:
+            return self.slots(ref.file)[ref.slot][ref.key]
+        except KeyError:
+            raise CheckpointError(f"{self.iter_dir / ref.file}: no tensor {ref.slot}.{ref.key}")
+
+    def read(self, ref: Ref, start=None, shape=None) -> torch.Tensor:
+        t = self._tensor(ref)
+        if start is None:
+            return t
+        return t[tuple(slice(s, s + n) for s, n in zip(start, shape))]
+
+    def infer_layout(self, vit_hidden: int | None = None) -> ParallelLayout:
+        """The layout the shards were written with, read off the layer indices present in tp rank 0."""
+        first = self.slots(shard_path(0, 0, self.pp_size))
+        vpp = len(first)
+        counts = {m: [[0] * self.pp_size for _ in range(vpp)] for m in _LAYER}
+        vit_tp = 0
+        for p in range(self.pp_size):
+            rel = shard_path(0, p, self.pp_size)
+            slots = self.slots(rel)
+            if len(slots) != vpp:
+                raise CheckpointError(f"{self.iter_dir / rel}: has {len(slots)} model chunks, {shard_path(0, 0, self.pp_size)} has {vpp}")
+            for v in range(vpp):
+                sd = slots["model" if vpp == 1 else f"model{v}"] if ("model" in slots or vpp > 1) else None
+                if sd is None:
+                    raise CheckpointError(f"{self.iter_dir / rel}: expected slot 'model'")
+                for m, rx in _LAYER.items():
+                    idx = {int(mt.group(1)) for k in sd if (mt := rx.match(k))}
+                    if idx and idx != set(range(len(idx))):
+                        raise CheckpointError(f"{self.iter_dir / rel}: {m} layer indices {sorted(idx)} are not 0..{len(idx) - 1}")
+                    counts[m][v][p] = len(idx)
+                qkv = sd.get("image_encoder.encoder.blocks.layers.0.self_attention.linear_qkv.weight")
+                if qkv is not None and vit_hidden:
+                    vit_tp = (3 * vit_hidden) // qkv.shape[0]
+        if vit_tp == self.tp_size:
+            vit_tp = 0
+        return ParallelLayout(self.tp_size, tuple(map(tuple, counts["llm"])), tuple(map(tuple, counts["vit"])), vit_tp)
+
+
+def load_torch_file(path: Path):
+    """torch.load with weights_only=True and mmap; errors name the file and what was wrong."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing")
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "unpickl" in str(e).lower():
+            raise CheckpointError(f"{path}: refused, it needs code to unpickle and only plain tensors are loaded "
+                                  f"(weights_only=True): {msg[:200]}")
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt ({msg[:200]})")
+
+
+# ---- writer ----------------------------------------------------------------------------------------------
+def write_shard(path: Path, slots: dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]]],
+                produce: Callable[[str, int], torch.Tensor], extra: dict | None = None) -> int:
+    """Write one model_optim_rng.pt; ``produce(slot, i)`` supplies tensor i of a slot."""
+    obj: dict = {}
+    for slot, entries in slots.items():
+        sd = {}
+        for i, (name, dtype, shape) in enumerate(entries):
+            t = produce(slot, i)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"{path}: {name} came out as {t.dtype} {tuple(t.shape)}, planned {dtype} {tuple(shape)}")
+            sd[name] = own_storage(t)
+        obj[slot] = sd
+    obj["checkpoint_version"] = CHECKPOINT_VERSION
+    if extra:
+        obj.update(extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return path.stat().st_size
+
+
+def own_storage(t: torch.Tensor) -> torch.Tensor:
+    """torch.save writes a view's whole storage: give slices of mapped files a storage of their own."""
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def write_tracker(root: Path, iteration: str | int = "release") -> None:
+    (root / TRACKER).write_text(f"{iteration}\n" if iteration != "release" else "release")

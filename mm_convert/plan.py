@@ -1,0 +1,292 @@
+"""Plans: which target tensor each output file holds and from which boxes of which source tensors.
+
+A plan is plain data, built with no I/O beyond reading tensor shapes: it can be printed (``plan`` command),
+checked (every target element covered exactly once) and split among workers before a byte moves.
+
+Every transform of this tool (rename, TP split along dim 0 or 1, GLU split, QKV interleave, concat) is a
+list of ``Piece``s: copy the box ``src_start + shape`` of a source tensor to ``dst_start`` of the target.
+HF -> MM plans come from a model's ``Rule``s; MM -> HF is the inverse of the HF -> MM plan of the source
+layout; MM -> MM (resplit) composes the target's HF -> MM plan with the source's inverse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+from typing import Callable, Iterable
+
+import torch
+
+from .errors import CheckpointError, LayoutError
+from .layout import ParallelLayout
+
+HF = ""  # Ref.file of a tensor of the HF checkpoint (its reader knows which .safetensors holds it)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One MM tensor of a model family, declared.
+
+    mm:     MM name; ``{i}`` is the layer index local to the pipeline position.
+    hf:     HF tensor name(s) (legacy scheme); ``{i}`` is the global layer index.
+    module: "vit" or "llm" (which layer list and TP size apply).
+    place:  "layer" (one per layer), "first" / "last" (at the position of the module's first / last layer).
+    tp:     "replicate", "split_dim0" (each fused part cut in tp contiguous chunks, so gate/up gives the GLU
+            split [gate_r; up_r]) or "split_dim1".
+    fuse:   how the HF tensors stack along dim 0: ("concat",) one part per HF tensor;
+            ("qkv_groups", kv_heads, heads_per_group) GQA interleave of q, k, v per query group;
+            ("qkv_heads", heads) per-head [q_h; k_h; v_h] from one fused [q; k; v] tensor.
+    copy:   the HF tensor is also placed elsewhere (tied output layer); the inverse ignores this copy.
+    """
+    mm: str
+    hf: tuple[str, ...]
+    module: str
+    place: str
+    tp: str = "replicate"
+    fuse: tuple = ("concat",)
+    copy: bool = False
+
+
+@dataclass(frozen=True)
+class Ref:
+    file: str  # HF for the HF checkpoint, else an MM shard path relative to the iteration directory
+    slot: str  # "" for HF; "model" or "model0", "model1", ... (virtual pipeline chunks) for MM
+    key: str
+
+
+@dataclass(frozen=True)
+class Piece:
+    src: Ref
+    src_start: tuple[int, ...]
+    dst_start: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+@dataclass
+class TargetTensor:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None
+    pieces: list[Piece]
+    copy: bool = False  # a duplicate of a tensor stored elsewhere (tied output layer)
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * (self.dtype.itemsize if self.dtype is not None else 0)
+
+
+@dataclass
+class OutputFile:
+    path: str  # relative to the output root
+    slots: dict[str, list[TargetTensor]]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> Iterable[TargetTensor]:
+        for ts in self.slots.values():
+            yield from ts
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+# ---- MM layout naming ------------------------------------------------------------------------------------
+def shard_dir(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def shard_path(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    return f"{shard_dir(tp_rank, pp_rank, pp_size)}/model_optim_rng.pt"
+
+
+def slot_name(vpp_rank: int, vpp_size: int) -> str:
+    return "model" if vpp_size == 1 else f"model{vpp_rank}"
+
+
+# ---- HF -> MM -------------------------------------------------------------------------------------------
+def _parts(rule: Rule, names: list[str], shapes: dict) -> list[list[tuple[str, int, int]]]:
+    """Row blocks (name, first row, rows) of each fused part, in MM order."""
+    kind = rule.fuse[0]
+    if kind == "concat":
+        return [[(n, 0, shapes[n][0])] for n in names]
+    if kind == "qkv_groups":
+        groups, per = rule.fuse[1], rule.fuse[2]
+        q, k, v = names
+        d = shapes[k][0] // groups
+        return [[b for g in range(groups) for b in ((q, g * per * d, per * d), (k, g * d, d), (v, g * d, d))]]
+    if kind == "qkv_heads":
+        heads = rule.fuse[1]
+        (qkv,) = names
+        d = shapes[qkv][0] // (3 * heads)
+        return [[(qkv, j * heads * d + h * d, d) for h in range(heads) for j in range(3)]]
+    raise ValueError(f"unknown fuse {rule.fuse!r} in rule {rule.mm}")
+
+
+def rule_pieces(rule: Rule, names: list[str], shapes: dict, tp: int, rank: int) -> tuple[tuple[int, ...], list[Piece]]:
+    """Shape and pieces of TP rank ``rank``'s part of one MM tensor."""
+    trailing = tuple(shapes[names[0]][1:])
+    for n in names[1:]:
+        if tuple(shapes[n][1:]) != trailing:
+            raise CheckpointError(f"{n}: shape {tuple(shapes[n])} does not stack with {names[0]} {tuple(shapes[names[0]])}")
+    zeros = (0,) * len(trailing)
+    if rule.tp == "split_dim1":
+        (name,) = names
+        rows, cols = shapes[name][0], trailing[0]
+        if cols % tp:
+            raise LayoutError(f"tp size {tp} does not divide dim 1 ({cols}) of {name}")
+        c = cols // tp
+        shape = (rows, c) + trailing[1:]
+        return shape, [Piece(Ref(HF, "", name), (0, rank * c) + zeros[1:], (0,) * len(shape), shape)]
+    pieces: list[Piece] = []
+    out = 0
+    for part in _parts(rule, names, shapes):
+        total = sum(rows for _, _, rows in part)
+        if rule.tp == "replicate":
+            lo, hi = 0, total
+        else:
+            if total % tp:
+                raise LayoutError(f"tp size {tp} does not divide dim 0 ({total}) of {part[0][0]}")
+            lo, hi = rank * total // tp, (rank + 1) * total // tp
+        at = 0
+        for name, start, rows in part:
+            a, b = max(lo, at), min(hi, at + rows)
+            if a < b:
+                prev = pieces[-1] if pieces else None
+                src_row = start + a - at
+                if prev and prev.src.key == name and prev.src_start[0] + prev.shape[0] == src_row:
+                    pieces[-1] = Piece(prev.src, prev.src_start, prev.dst_start, (prev.shape[0] + b - a,) + trailing)
+                else:
+                    pieces.append(Piece(Ref(HF, "", name), (src_row,) + zeros, (out,) + zeros, (b - a,) + trailing))
+                out += b - a
+            at += rows
+    return (out,) + trailing, pieces
+
+
+def hf_to_mm_plan(rules: list[Rule], layout: ParallelLayout, shapes: dict, dtypes: dict) -> list[OutputFile]:
+    """The MM shard files of ``layout``, each tensor made of pieces of HF tensors."""
+    files = []
+    for tp_rank in range(layout.tp_size):
+        for pp_rank in range(layout.pp_size):
+            slots = {}
+            for vpp_rank in range(layout.vpp_size):
+                pos = layout.position(vpp_rank, pp_rank)
+                slots[slot_name(vpp_rank, layout.vpp_size)] = _position_tensors(rules, layout, pos, tp_rank, shapes, dtypes)
+            files.append(OutputFile(shard_path(tp_rank, pp_rank, layout.pp_size), slots,
+                                    {"tp_rank": tp_rank, "pp_rank": pp_rank}))
+    return files
+
+
+def _position_tensors(rules, layout, pos, tp_rank, shapes, dtypes) -> list[TargetTensor]:
+    out = []
+
+    def add(rule, local, global_):
+        names = [h.format(i=global_) for h in rule.hf]
+        module_tp = layout.module_tp(rule.module)
+        shape, pieces = rule_pieces(rule, names, shapes, module_tp, layout.module_tp_rank(rule.module, tp_rank))
+        kinds = {dtypes[n] for n in names}
+        if len(kinds) > 1:
+            raise CheckpointError(f"{', '.join(names)}: mixed dtypes {sorted(map(str, kinds))} cannot be fused into "
+                                  f"{rule.mm.format(i=local)}; expected one dtype")
+        out.append(TargetTensor(rule.mm.format(i=local), shape, kinds.pop(), pieces, rule.copy))
+
+    for module in ("vit", "llm"):
+        mod_rules = [r for r in rules if r.module == module]
+        if pos == layout.first_position(module):
+            for r in mod_rules:
+                if r.place == "first":
+                    add(r, 0, 0)
+        for local, g in enumerate(layout.layer_range(module, pos)):
+            for r in mod_rules:
+                if r.place == "layer":
+                    add(r, local, g)
+        if pos == layout.last_position(module):
+            for r in mod_rules:
+                if r.place == "last":
+                    add(r, 0, 0)
+    return out
+
+
+# ---- inverse and composition -----------------------------------------------------------------------------
+def invert(mm_files: list[OutputFile], shapes: dict) -> dict[str, list[Piece]]:
+    """For each HF tensor, pieces of MM tensors that cover it exactly once (the first copy of a replicated
+    tensor wins; tied output-layer copies are skipped). Raises if some element is not covered."""
+    inv: dict[str, list[Piece]] = {n: [] for n in shapes}
+    seen: dict[str, set] = {n: set() for n in shapes}
+    for f in mm_files:
+        for slot, tensors in f.slots.items():
+            for t in tensors:
+                if t.copy:
+                    continue
+                for p in t.pieces:
+                    box = (p.src_start, p.shape)
+                    if box in seen[p.src.key]:
+                        continue
+                    seen[p.src.key].add(box)
+                    inv[p.src.key].append(Piece(Ref(f.path, slot, t.key), p.dst_start, p.src_start, p.shape))
+    for name, pieces in inv.items():
+        covered = sum(p.numel for p in pieces)
+        if covered != prod(shapes[name]):
+            raise LayoutError(f"the layout does not cover {name} exactly once ({covered} of {prod(shapes[name])} elements)")
+    return inv
+
+
+def compose(target: list[OutputFile], inverse: dict[str, list[Piece]]) -> list[OutputFile]:
+    """Rewrite pieces that read HF tensors into pieces that read the MM tensors covering them."""
+    out = []
+    for f in target:
+        slots = {}
+        for slot, tensors in f.slots.items():
+            new = []
+            for t in tensors:
+                pieces = []
+                for p in t.pieces:
+                    for q in inverse[p.src.key]:
+                        lo = tuple(max(a, b) for a, b in zip(p.src_start, q.dst_start))
+                        hi = tuple(min(a + n, b + m) for a, n, b, m in zip(p.src_start, p.shape, q.dst_start, q.shape))
+                        if any(l >= h for l, h in zip(lo, hi)):
+                            continue
+                        pieces.append(Piece(q.src, tuple(s + l - d for s, l, d in zip(q.src_start, lo, q.dst_start)),
+                                            tuple(s + l - d for s, l, d in zip(p.dst_start, lo, p.src_start)),
+                                            tuple(h - l for l, h in zip(lo, hi))))
+                new.append(TargetTensor(t.key, t.shape, t.dtype, pieces, t.copy))
+            slots[slot] = new
+        out.append(OutputFile(f.path, slots, dict(f.info)))
+    return out
+
+
+# ---- MM -> HF files --------------------------------------------------------------------------------------
+def hf_files_plan(inverse: dict[str, list[Piece]], shapes: dict, dtype_of: Callable[[Ref], torch.dtype],
+                  rename: Callable[[str], str], max_shard_bytes: int) -> list[OutputFile]:
+    """HF tensors in ``shapes`` order, cut into safetensors files of at most ``max_shard_bytes``
+    (a tensor larger than the limit gets a file of its own)."""
+    groups: list[list[TargetTensor]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        pieces = inverse[name]
+        kinds = {dtype_of(p.src) for p in pieces}
+        if len(kinds) > 1:
+            raise CheckpointError(f"{name}: its MM pieces have mixed dtypes {sorted(map(str, kinds))}; expected one dtype")
+        t = TargetTensor(rename(name), tuple(shape), kinds.pop(), pieces)
+        if groups[-1] and size + t.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return [OutputFile(fname, {"": g}) for fname, g in zip(names, groups)]
+
+
+def check_coverage(files: list[OutputFile]) -> None:
+    """Every target element is written by exactly one piece (the pieces tile each target)."""
+    for f in files:
+        for t in f.tensors:
+            if sum(p.numel for p in t.pieces) != prod(t.shape):
+                raise LayoutError(f"{f.path}: {t.key} is not tiled by its pieces")
+            for p in t.pieces:
+                if any(d < 0 or d + n > s for d, n, s in zip(p.dst_start, p.shape, t.shape)):
+                    raise LayoutError(f"{f.path}: a piece of {t.key} falls outside the tensor")
