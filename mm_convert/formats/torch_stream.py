@@ -402,16 +402,14 @@ def _write_tensor_bytes(zw: _ZipWriter, t: torch.Tensor) -> None:
 
 
 def _write_archive(
-    fh,
-    archive: str,
+    zw: _ZipWriter,
     obj: Any,
     produce: Callable[[Path, TensorSpec], torch.Tensor] | None,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Write the whole archive to ``fh`` from its current position."""
+    """Write all records of ``obj`` and the central directory through ``zw``."""
     pkl, storages = _dump_pickle(obj)
     total = sum(st.nbytes for st in storages)
-    zw = _ZipWriter(fh, archive)
     zw.add("data.pkl", pkl)
     zw.add(".format_version", b"1")
     zw.add(".storage_alignment", str(_ALIGN).encode())
@@ -472,7 +470,7 @@ def write_torch_file(
     path = os.fspath(path)
     try:
         with open(path, "wb") as fh:
-            _write_archive(fh, _archive_name(path), obj, produce, progress)
+            _write_archive(_ZipWriter(fh, _archive_name(path)), obj, produce, progress)
             fh.flush()
             os.fsync(fh.fileno())
             return fh.tell()

@@ -1,0 +1,14 @@
+# The two commands of the README. Each sets up .venv first (idempotent).
+.PHONY: demo test setup bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/python -m mm_convert.demo
+
+test: setup
+	.venv/bin/python -m pytest -q -p no:cacheprovider
+
+bench: setup
+	.venv/bin/python benchmarks/bench_convert.py --shape 3b

@@ -1,0 +1,316 @@
+"""mm-convert: command line over the Python API (mm_convert/converter.py); each command calls one method.
+
+    mm-convert Qwen2_5_VLConverter hf_to_mm --cfg.mm_dir OUT --cfg.hf_config.hf_dir HF \
+        --cfg.parallel_config.llm_pp_layers [[1,10,10,7]] --cfg.parallel_config.vit_pp_layers [[32,0,0,0]] \
+        --cfg.parallel_config.tp_size 1
+
+Options use the dotted ``--cfg.*`` names of MindSpeed-MM's converter; ``--config file.yaml`` supplies the
+same keys (``mm_dir``, ``hf_config: {hf_dir}``, ``parallel_config: {...}``, optionally under ``cfg:``).
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from .converter import CONVERTERS, Result, VerifyReport
+from .errors import MMConvertError
+
+LAYOUT_HELP = {
+    "tp_size": "tensor-parallel size (LLM; also the vision encoder unless vit_tp_size is set)",
+    "vit_tp_size": "tensor-parallel size of the vision encoder; 0 = same as tp_size; must divide tp_size",
+    "llm_pp_layers": "LLM layers per pipeline stage: [1,10,10,7] or nested per virtual chunk [[0,1],[1,2]]",
+    "vit_pp_layers": "vision layers per stage, same shape as llm_pp_layers; vision comes first, e.g. [[32,0,0,0]]",
+}
+
+
+def _cfg(dotted: str, param: str, **kw):
+    """A ``--cfg.<dotted>`` option stored in ``param``; remembered for --config files."""
+    def deco(f):
+        f.__dict__.setdefault("_cfg_keys", {})[dotted] = param
+        return click.option(f"--cfg.{dotted}", param, **kw)(f)
+    return deco
+
+
+def _layout_options(prefix: str, param_prefix: str, required_tp: bool):
+    def deco(f):
+        for key in reversed(list(LAYOUT_HELP)):
+            default = None
+            if required_tp and key == "tp_size":
+                default = 1
+            if required_tp and key == "vit_tp_size":
+                default = 0
+            typ = int if key.endswith("tp_size") else str
+            f = _cfg(f"{prefix}.{key}", f"{param_prefix}{key}", type=typ, default=default, show_default=default is not None,
+                     metavar="N" if typ is int else "LIST", help=LAYOUT_HELP[key])(f)
+        return f
+    return deco
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _load_config(ctx: click.Context, _param, value):
+    if not value:
+        return value
+    import yaml
+    try:
+        doc = yaml.safe_load(Path(value).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise click.BadParameter(f"{value}: cannot read YAML ({e})")
+    if not isinstance(doc, dict):
+        raise click.BadParameter(f"{value}: expected a mapping of cfg keys")
+    doc = doc.get("cfg", doc)
+    keys = ctx.command.callback.__dict__.get("_cfg_keys", {})
+    defaults = {}
+    for dotted, v in _flatten(doc).items():
+        if dotted not in keys:
+            raise click.BadParameter(f"{value}: unknown key {dotted!r}; known: {', '.join(sorted(keys))}")
+        defaults[keys[dotted]] = str(v) if isinstance(v, list) else v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _common(f):
+    f = click.option("--debug", is_flag=True, help="show a traceback on errors")(f)
+    f = click.option("--quiet", "-q", is_flag=True, help="no progress bar and no summary")(f)
+    f = click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
+                     help="YAML file with the same keys as the --cfg.* options (mm_dir, hf_config.hf_dir, parallel_config.*)")(f)
+    return f
+
+
+def _run(ctx: click.Context, fn):
+    """Call into the API; errors become one line on stderr and a non-zero exit (traceback with --debug)."""
+    debug = ctx.params.get("debug")
+    try:
+        return fn()
+    except MMConvertError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"mm-convert: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("mm-convert: interrupted; no output was left at the destination", err=True)
+        sys.exit(130)
+    except OSError as e:
+        if debug:
+            traceback.print_exc()
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        click.echo(f"mm-convert: error: {where}{e.strerror or e}", err=True)
+        sys.exit(1)
+
+
+def _print_result(r: Result, quiet: bool, verbose: bool = False, dry_run: bool = False) -> None:
+    if quiet:
+        return
+    from rich.console import Console
+    from rich.table import Table
+    con = Console()
+    title = f"{'plan for ' if dry_run else ''}{r.command}: {r.layout}"
+    table = Table(title=title, title_justify="left")
+    for col in ("file", "tensors", "bytes"):
+        table.add_column(col, justify="right" if col != "file" else "left")
+    for f in r.files:
+        n = sum(1 for _ in f.tensors)
+        table.add_row(f.path, str(n), f"{f.nbytes:,}")
+    con.print(table)
+    if verbose:
+        for f in r.files:
+            con.print(f"[bold]{f.path}[/bold]")
+            for slot, ts in f.slots.items():
+                for t in ts:
+                    src = ", ".join(f"{p.src.file + ':' if p.src.file else ''}{p.src.slot + '.' if p.src.slot else ''}{p.src.key}"
+                                    f"[{','.join(f'{s}:{s + n}' for s, n in zip(p.src_start, p.shape))}]" for p in t.pieces)
+                    con.print(f"  {(slot + '.') if slot else ''}{t.key} {list(t.shape)} {str(t.dtype).replace('torch.', '')} <- {src}")
+    total = sum(f.nbytes for f in r.files)
+    if dry_run:
+        con.print(f"{len(r.files)} files, {r.tensors} tensors, {total / 1e9:.3f} GB would be written to {r.output}; nothing written")
+    else:
+        rate = total / r.seconds / 1e9 if r.seconds else 0.0
+        con.print(f"wrote {r.output}: {len(r.files)} files, {r.tensors} tensors, {total / 1e9:.3f} GB in {r.seconds:.1f} s ({rate:.2f} GB/s)")
+        for n in r.notes:
+            con.print(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="mm_convert")
+def main():
+    """Convert and reshard multimodal checkpoints between Hugging Face safetensors and the
+    MindSpeed-MM / Megatron tensor- and pipeline-parallel layout.
+
+    \b
+    Usage: mm-convert CONVERTER COMMAND [--cfg.* options]
+    Converters:  Qwen2_5_VLConverter (Qwen2.5-VL 3B/7B/32B/72B)
+    Commands:    hf_to_mm, mm_to_hf, resplit, verify, plan, check_logits
+    Example:
+      mm-convert Qwen2_5_VLConverter hf_to_mm --cfg.mm_dir ckpt/mm_path/Qwen2.5-VL-7B-Instruct \\
+        --cfg.hf_config.hf_dir ckpt/hf_path/Qwen2.5-VL-7B-Instruct \\
+        --cfg.parallel_config.llm_pp_layers [[1,10,10,7]] --cfg.parallel_config.vit_pp_layers [[32,0,0,0]] \\
+        --cfg.parallel_config.tp_size 1
+    """
+
+
+def _make_group(name: str, cls) -> click.Group:
+    @click.group(name=name, help=f"{cls.__doc__.strip()}\n\nRun `mm-convert {name} COMMAND --help` for a command's options.")
+    def group():
+        pass
+
+    @group.command("hf_to_mm")
+    @_cfg("mm_dir", "mm_dir", required=True, metavar="DIR", help="output MM checkpoint directory")
+    @_cfg("hf_config.hf_dir", "hf_dir", required=True, metavar="DIR", help="input Hugging Face checkpoint (config.json + safetensors)")
+    @_layout_options("parallel_config", "", True)
+    @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
+    @_common
+    @click.pass_context
+    def hf_to_mm(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, overwrite, quiet, debug):
+        """Convert an HF checkpoint into MM shards (release/mp_rank_*/model_optim_rng.pt).
+
+        Every tensor is placed by the layer lists and split by the TP size; the layout is checked against
+        config.json first (sums, shapes, vision before LLM, TP divisibility)."""
+        conv = cls(progress=not quiet)
+        r = _run(ctx, lambda: conv.hf_to_mm(hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, overwrite=overwrite))
+        _print_result(r, quiet)
+
+    @group.command("mm_to_hf")
+    @_cfg("mm_dir", "mm_dir", required=True, metavar="DIR", help="input MM checkpoint (release or a training save)")
+    @_cfg("save_hf_dir", "save_hf_dir", required=True, metavar="DIR", help="output Hugging Face directory")
+    @_cfg("hf_config.hf_dir", "hf_dir", metavar="DIR",
+          help="original HF directory: config, tokenizer, processor and chat template are copied from it "
+               "(optional when mm_dir was written by mm_convert, which records the config)")
+    @_layout_options("parallel_config", "", False)
+    @_cfg("max_shard_size", "max_shard_size", default="5GB", show_default=True, metavar="SIZE",
+          help="largest safetensors file (e.g. 5GB, 500MB, 2GiB)")
+    @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
+    @_common
+    @click.pass_context
+    def mm_to_hf(ctx, mm_dir, save_hf_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, max_shard_size,
+                 overwrite, quiet, debug):
+        """Convert MM shards back to HF safetensors (sharded, with an index), keeping dtypes and the key scheme.
+
+        The layout is read off the shards; --cfg.parallel_config.* values, if given, are checked against it."""
+        conv = cls(progress=not quiet)
+        r = _run(ctx, lambda: conv.mm_to_hf(mm_dir, save_hf_dir, hf_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
+                                            max_shard_size=max_shard_size, overwrite=overwrite))
+        _print_result(r, quiet)
+
+    @group.command("resplit")
+    @_cfg("source_dir", "source_dir", required=True, metavar="DIR", help="input MM checkpoint")
+    @_cfg("target_dir", "target_dir", required=True, metavar="DIR", help="output MM checkpoint")
+    @_cfg("hf_config.hf_dir", "hf_dir", metavar="DIR", help="HF directory for config.json (optional when source_dir was written by mm_convert)")
+    @_layout_options("source_parallel_config", "source_", False)
+    @_layout_options("target_parallel_config", "", True)
+    @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
+    @_common
+    @click.pass_context
+    def resplit(ctx, source_dir, target_dir, hf_dir, source_tp_size, source_vit_tp_size, source_llm_pp_layers,
+                source_vit_pp_layers, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, overwrite, quiet, debug):
+        """Reshard MM shards to another TP / PP / virtual-pipeline layout directly, without HF files in between.
+
+        The source layout is read off its shards (--cfg.source_parallel_config.* values are checked against it)."""
+        conv = cls(progress=not quiet)
+        r = _run(ctx, lambda: conv.resplit(source_dir, target_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
+                                           source_tp_size=source_tp_size, source_llm_pp_layers=source_llm_pp_layers,
+                                           source_vit_pp_layers=source_vit_pp_layers, source_vit_tp_size=source_vit_tp_size,
+                                           hf_dir=hf_dir, overwrite=overwrite))
+        _print_result(r, quiet)
+
+    @group.command("verify")
+    @_cfg("mm_dir", "mm_dir", required=True, metavar="DIR", help="MM checkpoint to check")
+    @_cfg("hf_config.hf_dir", "hf_dir", required=True, metavar="DIR", help="HF checkpoint it was converted from")
+    @_layout_options("parallel_config", "", False)
+    @_common
+    @click.pass_context
+    def verify(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, quiet, debug):
+        """Check an MM checkpoint against its HF source: every tensor, bit for bit, plus a coverage report
+        naming any missing or unexpected key. Exits 1 on any difference."""
+        conv = cls(progress=not quiet)
+        rep: VerifyReport = _run(ctx, lambda: conv.verify(hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size))
+        for what, items in (("mismatched", rep.mismatched), ("missing", rep.missing), ("unexpected", rep.unexpected),
+                            ("HF tensor not covered", rep.unused_hf)):
+            for k in items:
+                click.echo(f"{what}: {k}", err=True)
+        click.echo(rep.summary(), err=not rep.ok)
+        sys.exit(0 if rep.ok else 1)
+
+    @group.command("plan", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                             "help_option_names": []})
+    @click.argument("command", type=click.Choice(["hf_to_mm", "mm_to_hf", "resplit"]))
+    @click.option("--verbose", "-v", is_flag=True, help="list every tensor and the source boxes it is made of")
+    @click.pass_context
+    def plan(ctx, command, verbose):
+        """Dry run of hf_to_mm, mm_to_hf or resplit (same options): per-file tensors and bytes; writes nothing.
+
+        Example: mm-convert Qwen2_5_VLConverter plan hf_to_mm --cfg.mm_dir OUT --cfg.hf_config.hf_dir HF ..."""
+        sub = group.commands[command]
+        sub_ctx = sub.make_context(command, list(ctx.args), parent=ctx)
+        p = sub_ctx.params
+        conv = cls(progress=False)
+        calls = {
+            "hf_to_mm": lambda: conv.hf_to_mm(p["hf_dir"], p["mm_dir"], p["tp_size"], p["llm_pp_layers"], p["vit_pp_layers"],
+                                              p["vit_tp_size"], dry_run=True),
+            "mm_to_hf": lambda: conv.mm_to_hf(p["mm_dir"], p["save_hf_dir"], p["hf_dir"], p["tp_size"], p["llm_pp_layers"],
+                                              p["vit_pp_layers"], p["vit_tp_size"], max_shard_size=p["max_shard_size"], dry_run=True),
+            "resplit": lambda: conv.resplit(p["source_dir"], p["target_dir"], p["tp_size"], p["llm_pp_layers"], p["vit_pp_layers"],
+                                            p["vit_tp_size"], source_tp_size=p["source_tp_size"],
+                                            source_llm_pp_layers=p["source_llm_pp_layers"],
+                                            source_vit_pp_layers=p["source_vit_pp_layers"],
+                                            source_vit_tp_size=p["source_vit_tp_size"], hf_dir=p["hf_dir"], dry_run=True),
+        }
+        r = _run(sub_ctx, calls[command])
+        _print_result(r, False, verbose=verbose, dry_run=True)
+
+    @group.command("check_logits")
+    @_cfg("mm_dir", "mm_dir", required=True, metavar="DIR", help="MM checkpoint to run with the bundled runtime")
+    @_cfg("hf_config.hf_dir", "hf_dir", required=True, metavar="DIR", help="HF checkpoint to run with transformers")
+    @_layout_options("parallel_config", "", False)
+    @click.option("--tolerance", type=float, default=1e-5, show_default=True, help="largest allowed max abs logit difference")
+    @_common
+    @click.pass_context
+    def check_logits(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, tolerance, quiet, debug):
+        """Run transformers on the HF checkpoint and the bundled runtime (tp x pp local processes) on the MM
+        checkpoint with the same image + text input; print the max abs logit difference, exit 1 above --tolerance."""
+        def go():
+            from train.check_logits import check_logits as run_check
+            return run_check(mm_dir, hf_dir, tp_size=tp_size, llm_pp_layers=llm_pp_layers, vit_pp_layers=vit_pp_layers,
+                             tolerance=tolerance)
+        diff = _run(ctx, go)
+        click.echo(f"max abs logit difference: {diff:.3e} (tolerance {tolerance:.1e})")
+
+    return group
+
+
+for _name, _cls in CONVERTERS.items():
+    main.add_command(_make_group(_name, _cls))
+
+
+def _split_glued(argv: list[str]) -> list[str]:
+    """Accept ``--cfg.mm_dir"ckpt/..."`` as typed in some guides (the shell glues value to option)."""
+    known = sorted({f"--cfg.{k}" for c in main.commands.values() for cmd in c.commands.values()
+                    for k in cmd.callback.__dict__.get("_cfg_keys", {})}, key=len, reverse=True)
+    out = []
+    for a in argv:
+        for k in known:
+            if a.startswith(k) and len(a) > len(k) and a[len(k)] not in "=._":
+                out += [k, a[len(k):]]
+                break
+        else:
+            out.append(a)
+    return out
+
+
+def run(argv=None):
+    main.main(args=_split_glued(list(sys.argv[1:] if argv is None else argv)), prog_name="mm-convert")
+
+
+if __name__ == "__main__":
+    run()
