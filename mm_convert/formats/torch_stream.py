@@ -15,7 +15,7 @@ weights_only=True, mmap=True)`` accept it (torch >= 2.3):
 * a zip archive whose records all live in ``<archive>/``, ``<archive>`` being
   the file name without its extension (what ``torch.save(obj, path)`` uses);
 * records, in order: ``data.pkl``, ``.format_version`` ("1"),
-  ``.storage_alignment`` ("64"), ``byteorder`` ("little"), ``data/0``,
+  ``.storage_alignment`` ("64"), ``byteorder`` (e.g. "little"), ``data/0``,
   ``data/1``, ..., ``version`` ("3\\n"), ``.data/serialization_id``;
 * every record stored (not compressed), its data starting on a 64-byte
   boundary: the local header carries an extra field ``"FB"`` + length + ``Z``
@@ -48,6 +48,7 @@ import io
 import os
 import pickle
 import struct
+import sys
 import zlib
 from typing import Any, Callable
 
@@ -170,7 +171,7 @@ class _Storage:
     tensor: torch.Tensor | None = None  # ... or a real tensor found in obj
 
 
-_ATOMS = (str, int, float, bool, bytes, type(None))
+_ATOMS = (str, int, float, bool, bytes, type(None))  # exact types only (no subclasses)
 
 
 def _collect_paths(obj: Any) -> dict[int, Path]:
@@ -184,7 +185,7 @@ def _collect_paths(obj: Any) -> dict[int, Path]:
             if isinstance(x, torch.Tensor) and type(x) not in (torch.Tensor, torch.nn.Parameter):
                 raise TypeError(f"{_fmt_path(path)}: tensor subclass {type(x).__name__} is not supported")
             paths.setdefault(id(x), path)
-        elif isinstance(x, _ATOMS):
+        elif type(x) in _ATOMS:
             pass
         elif isinstance(x, (dict, list, tuple)):
             if type(x) not in (dict, collections.OrderedDict, list, tuple):
@@ -194,7 +195,7 @@ def _collect_paths(obj: Any) -> dict[int, Path]:
             active.add(id(x))
             items = x.items() if isinstance(x, dict) else enumerate(x)
             for k, v in items:
-                if isinstance(x, dict) and not isinstance(k, _ATOMS):
+                if isinstance(x, dict) and type(k) not in _ATOMS:
                     raise TypeError(f"{_fmt_path(path)}: dict key {k!r} is not a plain value")
                 walk(v, path + (k,))
             active.discard(id(x))
@@ -230,12 +231,14 @@ class _Pickler(pickle.Pickler):
             dtype, shape, requires_grad = obj.dtype, tuple(obj.shape), bool(obj.requires_grad)
         else:
             return NotImplemented
+        path = self.paths.get(id(obj), ())
+        if dtype not in _STORAGE_NAMES:
+            raise ValueError(f"{_fmt_path(path)}: dtype {dtype} is not supported by the torch stream writer")
         key = str(len(self.storages))
         numel = 1
         for s in shape:
             numel *= s
-        st = _Storage(key, self.paths.get(id(obj), ()), dtype, shape, numel * _element_size(dtype), spec, tensor)
-        self.storages.append(st)
+        self.storages.append(_Storage(key, path, dtype, shape, numel * _element_size(dtype), spec, tensor))
         args = (
             _StorageRef(dtype, key, numel),
             0,
@@ -413,7 +416,7 @@ def _write_archive(
     zw.add("data.pkl", pkl)
     zw.add(".format_version", b"1")
     zw.add(".storage_alignment", str(_ALIGN).encode())
-    zw.add("byteorder", b"little")
+    zw.add("byteorder", sys.byteorder.encode())  # tensor bytes are written in native order
     done = 0
     for st in storages:
         if st.spec is not None:
@@ -515,8 +518,10 @@ def read_torch_file(path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path}: weights_only loading refused it, it needs code to unpickle ({_first_line(e)})"
-        ) from None
+        if "weights only load failed" in str(e).lower():
+            raise ValueError(
+                f"{path}: weights_only loading refused it, it needs code to unpickle ({_first_line(e)})"
+            ) from None
+        raise ValueError(f"{path}: corrupt torch checkpoint pickle ({_first_line(e)})") from None
     except (RuntimeError, EOFError, ValueError, KeyError, struct.error) as e:
         raise ValueError(f"{path}: truncated or corrupt torch zip checkpoint ({_first_line(e)})") from None
