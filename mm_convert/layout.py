@@ -154,12 +154,16 @@ class ParallelLayout:
                 raise LayoutError(f"{prefix}.{module}_pp_layers {_fmt(lists)} sums to {got}, but the config's {what} is {want}")
 
     def check_divisible(self, sizes: Sequence[tuple[str, str, int]], prefix: str = "parallel_config") -> None:
-        """sizes: (module, description, value) that the module's TP size must divide."""
+        """sizes: (module, description, value) that the module's TP size must divide; all misfits in one line."""
+        bad: dict[str, list[str]] = {}
         for module, what, value in sizes:
             tp = self.module_tp(module)
             if value % tp:
                 opt = "vit_tp_size" if module == "vit" and self.vit_tp_size else "tp_size"
-                raise LayoutError(f"{prefix}.{opt} {tp} does not divide the {what} ({value})")
+                bad.setdefault(f"{prefix}.{opt} {tp}", []).append(f"{what} ({value})")
+        if bad:
+            raise LayoutError("; ".join(f"{opt} does not divide the {', '.join(items)}" for opt, items in bad.items())
+                              + "; choose a TP size that divides each")
 
     def describe(self) -> str:
         s = f"tp={self.tp_size}"

@@ -20,6 +20,7 @@ import torch
 from ..errors import CheckpointError
 from ..layout import ParallelLayout
 from ..plan import Ref, shard_path
+from .torch_stream import TensorSpec, write_torch_file
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
@@ -161,32 +162,23 @@ def load_torch_file(path: Path):
 # ---- writer ----------------------------------------------------------------------------------------------
 def write_shard(path: Path, slots: dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]]],
                 produce: Callable[[str, int], torch.Tensor], extra: dict | None = None) -> int:
-    """Write one model_optim_rng.pt; ``produce(slot, i)`` supplies tensor i of a slot."""
+    """Write one model_optim_rng.pt record by record; ``produce(slot, i)`` supplies tensor i of a slot just
+    before its bytes are written, so one tensor is in memory at a time whatever the shard's size."""
     obj: dict = {}
+    index: dict[tuple[str, str], int] = {}
     for slot, entries in slots.items():
-        sd = {}
+        obj[slot] = {}
         for i, (name, dtype, shape) in enumerate(entries):
-            t = produce(slot, i)
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"{path}: {name} came out as {t.dtype} {tuple(t.shape)}, planned {dtype} {tuple(shape)}")
-            sd[name] = own_storage(t)
-        obj[slot] = sd
+            obj[slot][name] = TensorSpec(dtype, tuple(shape), key=name)
+            index[(slot, name)] = i
     obj["checkpoint_version"] = CHECKPOINT_VERSION
     if extra:
         obj.update(extra)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return path.stat().st_size
-
-
-def own_storage(t: torch.Tensor) -> torch.Tensor:
-    """torch.save writes a view's whole storage: give slices of mapped files a storage of their own."""
-    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
+    try:
+        return write_torch_file(path, obj, lambda p, spec: produce(p[0], index[(p[0], p[1])]))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}")
 
 
 def write_tracker(root: Path, iteration: str | int = "release") -> None:
