@@ -58,6 +58,9 @@ def make_tiny_hf_checkpoint(
         (out / "config.json").write_text(json.dumps(flat, indent=2) + "\n")
     if scheme == "new":
         _rename_to_new_scheme(out, load_file, save_file)
+    from .tiny_tokenizer import write_tiny_processor
+
+    write_tiny_processor(out)  # tokenizer, chat template, image processor: the runtime and check_logits need them
     return out
 
 

@@ -1,0 +1,118 @@
+"""check_logits: transformers on the HF checkpoint vs. the runtime on the MM checkpoint, on the same inputs.
+
+The parent builds the inputs (chat template, image patches), runs transformers, frees it, then starts the
+tp x pp runtime ranks locally (``python -m train.check_logits JOB.json``, torchrun-compatible) and compares
+the logits they write. ``run_local`` is the same machinery for other tasks (generation).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mm_convert.errors import VerifyError
+from mm_convert.layout import ParallelLayout
+
+from .config import ModelConfig
+from .inputs import build_inputs, hf_kwargs, load_processors
+from .launch import launch_local, worker_main
+from .model import check_divisible
+
+DEFAULT_PROMPT = "Describe this image."
+
+
+def default_image():
+    """A fixed 112x84 random image: exercises several attention windows and a non-square grid."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.RandomState(0).randint(0, 256, (84, 112, 3), dtype=np.uint8))
+
+
+def check_logits(mm_dir, hf_dir, tp_size: int = 1, llm_pp_layers=None, vit_pp_layers=None,
+                 tolerance: float = 1e-5, *, vit_tp_size: int = 0, image=None, prompt: str = DEFAULT_PROMPT,
+                 text_only: bool = True, processor_dir=None, timeout: float = 1800, log=print) -> float:
+    """Max abs logit difference over an image+text input (and a text-only one); VerifyError above tolerance.
+
+    image: a PIL image or a path (default: a fixed random image). processor_dir: where the tokenizer and
+    image processor files are (default hf_dir). Layer lists default to everything on one stage."""
+    cfg = ModelConfig.from_hf(hf_dir)
+    layout = ParallelLayout.create(tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
+                                   llm_layers=cfg.text.num_layers, vit_layers=cfg.vision.depth)
+    check_divisible(cfg, layout)  # before the (possibly long) transformers run
+    tok, improc = load_processors(processor_dir or hf_dir)
+    cases = {"image+text": build_inputs(tok, improc, cfg, prompt, image if image is not None else default_image())}
+    if text_only:
+        cases["text"] = build_inputs(tok, improc, cfg, prompt)
+    ref = hf_logits(hf_dir, cases)
+    got = run_local(mm_dir, cfg, layout, cases, [{"kind": "logits", "case": name} for name in cases], timeout=timeout)
+    worst = 0.0
+    for (name, ref_logits), logits in zip(ref.items(), got):
+        diff = (logits.float() - ref_logits).abs().max().item()
+        worst = max(worst, diff)
+        log(f"{name}: {ref_logits.shape[1]} tokens, max |logits difference| = {diff:.3e} ({layout.describe()})")
+    if not worst <= tolerance:  # also catches NaN
+        raise VerifyError(f"runtime logits on {mm_dir} differ from transformers on {hf_dir} by {worst:.3e} "
+                          f"(tolerance {tolerance:.1e}, {layout.describe()})")
+    return worst
+
+
+def hf_logits(hf_dir, cases: dict) -> dict[str, torch.Tensor]:
+    """transformers' logits (float32) for each input; the model is freed before the runtime starts."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype="auto").eval()
+    with torch.inference_mode():
+        out = {name: model(**hf_kwargs(c)).logits.float() for name, c in cases.items()}
+    del model
+    return out
+
+
+def run_local(mm_dir, cfg: ModelConfig, layout: ParallelLayout, cases: dict, tasks: list[dict], *,
+              timeout: float = 1800) -> list:
+    """Start the tp x pp runtime ranks here and run ``tasks`` on ``cases`` (name -> build_inputs output).
+
+    A task is {"kind": "logits", "case": name} (result: logits tensor) or {"kind": "generate", "case": name,
+    "generation": GenerationConfig fields} (result: list of new token ids). Results come back in task order."""
+    with tempfile.TemporaryDirectory(prefix="mm_check_") as tmp:
+        torch.save(cases, Path(tmp, "inputs.pt"))
+        job = {"mm_dir": str(mm_dir), "config": cfg.to_dict(), "layout": layout.to_dict(),
+               "inputs": str(Path(tmp, "inputs.pt")),
+               "tasks": [{**t, "out": str(Path(tmp, f"task{i}.pt"))} for i, t in enumerate(tasks)]}
+        Path(tmp, "job.json").write_text(json.dumps(job))
+        launch_local("train.check_logits", [str(Path(tmp, "job.json"))], layout.tp_size * layout.pp_size,
+                     timeout=timeout)
+        return [torch.load(t["out"], weights_only=True) for t in job["tasks"]]
+
+
+def run_tasks(job_path: str) -> None:
+    """Worker: one rank of the runtime. Only the sampler rank (TP 0 of the last LLM stage) writes results."""
+    from .generate import GenerationConfig, generate
+    from .runtime import Runtime
+
+    job = json.loads(Path(job_path).read_text())
+    rt = Runtime(ModelConfig.from_dict(job["config"]), ParallelLayout.create(**job["layout"]), job["mm_dir"])
+    cases = torch.load(job["inputs"], weights_only=True)
+    writer = rt.ps.rank == rt.sampler_rank
+    for task in job["tasks"]:
+        inputs = cases[task["case"]]
+        if task["kind"] == "logits":
+            rt.reset_cache(False)
+            result = rt.step(rt.to_device(inputs))
+            result = result.cpu() if writer else None
+        elif task["kind"] == "generate":
+            result = generate(rt, inputs, GenerationConfig.from_dict(task.get("generation")))
+        else:
+            raise ValueError(f"unknown task kind {task['kind']!r}")
+        if writer:
+            torch.save(result, task["out"])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not os.path.exists(sys.argv[1]):
+        sys.exit("usage: python -m train.check_logits JOB.json  (a rank of run_local; use check_logits() instead)")
+    worker_main(run_tasks, sys.argv[1])

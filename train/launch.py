@@ -1,0 +1,88 @@
+"""Start N local ranks the way torchrun does (same environment variables), wait, and report failures.
+
+A worker wrapped in ``worker_main`` that fails writes its exception to ``<error_dir>/rank<r>.json``; the
+launcher kills the other ranks (they would wait forever on the failed one) and re-raises the first error with
+its original mm_convert error class, so a bad shard surfaces as the CheckpointError naming the parameter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import mm_convert.errors as errors
+
+ERROR_DIR_ENV = "MM_RUNTIME_ERROR_DIR"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(module: str, args: list[str], nprocs: int, *, timeout: float = 900,
+                 env: dict | None = None) -> None:
+    """Run ``python -m module *args`` as ranks 0..nprocs-1 on 127.0.0.1 (gloo on CPU)."""
+    repo_root = str(Path(__file__).resolve().parent.parent)  # so that `train` imports without installing
+    with tempfile.TemporaryDirectory(prefix="mm_runtime_") as tmp:
+        base = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                "WORLD_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs), ERROR_DIR_ENV: tmp,
+                "PYTHONPATH": os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH")) if p)}
+        base.setdefault("OMP_NUM_THREADS", "1")  # N ranks on few cores: avoid oversubscription
+        procs, logs = [], []
+        for r in range(nprocs):
+            log = open(Path(tmp) / f"rank{r}.log", "w+")
+            logs.append(log)
+            procs.append(subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
+                                          env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}))
+        deadline = time.monotonic() + timeout
+        try:
+            while any(p.poll() is None for p in procs):
+                if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for log in logs:
+                log.close()
+        failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+        if not failed:
+            return
+        for r in sorted(failed, key=lambda r: not (Path(tmp) / f"rank{r}.json").exists()):
+            err = Path(tmp) / f"rank{r}.json"
+            if err.exists():
+                info = json.loads(err.read_text())
+                cls = getattr(errors, info["type"], None)
+                if isinstance(cls, type) and issubclass(cls, errors.MMConvertError):
+                    raise cls(info["message"])
+                raise RuntimeError(f"rank {r} failed: {info['type']}: {info['message']}\n{info['traceback']}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{module}: {nprocs} ranks did not finish within {timeout:.0f}s")
+        tail = (Path(tmp) / f"rank{failed[0]}.log").read_text()[-3000:]
+        raise RuntimeError(f"{module}: rank {failed[0]} exited with code {procs[failed[0]].returncode}:\n{tail}")
+
+
+def worker_main(fn, *args) -> None:
+    """Run ``fn(*args)`` in a rank; on an exception record it for the launcher and exit non-zero."""
+    import torch.distributed as dist
+
+    try:
+        fn(*args)
+    except BaseException as e:
+        err_dir = os.environ.get(ERROR_DIR_ENV)
+        if err_dir:
+            info = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}
+            Path(err_dir, f"rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps(info))
+        raise
+    if dist.is_initialized():
+        dist.destroy_process_group()

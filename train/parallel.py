@@ -1,0 +1,178 @@
+"""Process groups, point-to-point activation transfer and the tensor-parallel layers.
+
+Ranks are Megatron-ordered: ``rank = pp_rank * tp_size + tp_rank`` (TP fastest), so the ranks of one
+pipeline stage are contiguous. Launch with torchrun (or ``train.launch``): RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT come from the environment.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def pick_backend() -> tuple[str, torch.device]:
+    """hccl on Ascend when torch_npu imports, nccl on CUDA, gloo on CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    try:
+        import torch_npu  # noqa: F401  (registers the "npu" device)
+        if torch.npu.is_available():
+            torch.npu.set_device(local_rank)
+            return "hccl", torch.device("npu", local_rank)
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return "nccl", torch.device("cuda", local_rank)
+    return "gloo", torch.device("cpu")
+
+
+@dataclass
+class Group:
+    """One TP group as seen from this rank (``group`` is None when it has a single member: no comm)."""
+    group: object
+    rank: int
+    size: int
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+@dataclass
+class ParallelState:
+    rank: int
+    world_size: int
+    tp_size: int
+    pp_size: int
+    device: torch.device
+    tp: Group   # the LLM's TP group (all tp ranks of this stage)
+    vit: Group  # the vision encoder's TP group (smaller when vit_tp_size < tp_size)
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    def global_rank(self, tp_rank: int, pp_rank: int) -> int:
+        return pp_rank * self.tp_size + tp_rank
+
+
+def init_parallel(tp_size: int, pp_size: int, vit_tp_size: int = 0) -> ParallelState:
+    """Join the process group and build the TP groups. Every rank creates every group (torch requires it)."""
+    backend, device = pick_backend()
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != tp_size * pp_size:
+        raise RuntimeError(f"world size {world} != tp_size {tp_size} x pp_size {pp_size}")
+    vit_tp = vit_tp_size or tp_size
+    ratio = tp_size // vit_tp
+    pp_rank, tp_rank = divmod(rank, tp_size)
+    tp = vit = None
+    for p in range(pp_size):
+        ranks = [p * tp_size + t for t in range(tp_size)]
+        g = dist.new_group(ranks) if tp_size > 1 else None
+        if p == pp_rank:
+            tp = Group(g, tp_rank, tp_size)
+        # vision weights are replicated over ``ratio`` neighbours: reduce among ranks holding distinct slices
+        for o in range(ratio):
+            vranks = [p * tp_size + o + k * ratio for k in range(vit_tp)]
+            vg = (g if ratio == 1 else dist.new_group(vranks)) if vit_tp > 1 else None
+            if p == pp_rank and tp_rank % ratio == o:
+                vit = Group(vg, tp_rank // ratio, vit_tp)
+    return ParallelState(rank, world, tp_size, pp_size, device, tp, vit)
+
+
+# ---- activations between pipeline stages --------------------------------------------------------------------
+# A stage hands the next one a dict of named tensors whose shapes vary (image size, prompt length, decode
+# step), so a pickled header (names, dtypes, shapes) goes first, then the tensors themselves.
+
+def send_tensors(tensors: dict[str, torch.Tensor], dst: int, device: torch.device) -> None:
+    header = pickle.dumps([(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items()])
+    buf = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device)
+    dist.send(torch.tensor([buf.numel()], dtype=torch.long, device=device), dst)
+    dist.send(buf, dst)
+    for v in tensors.values():
+        dist.send(v.contiguous(), dst)
+
+
+def recv_tensors(src: int, device: torch.device) -> dict[str, torch.Tensor]:
+    n = torch.empty(1, dtype=torch.long, device=device)
+    dist.recv(n, src)
+    buf = torch.empty(int(n.item()), dtype=torch.uint8, device=device)
+    dist.recv(buf, src)
+    out = {}
+    for name, dtype, shape in pickle.loads(buf.cpu().numpy().tobytes()):
+        out[name] = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        dist.recv(out[name], src)
+    return out
+
+
+# ---- tensor-parallel layers (weights are this rank's slice, named as in the MM checkpoint) ------------------
+
+class ColumnLinear(nn.Module):
+    """Output features split over TP ranks; input replicated, output stays split (no communication)."""
+
+    def __init__(self, in_features: int, out_local: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_local, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_local), requires_grad=False) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowLinear(nn.Module):
+    """Input features split; partial products summed over the group, the (replicated) bias added once after."""
+
+    def __init__(self, in_local: int, out_features: int, bias: bool, group: Group):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_local), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.group = group
+
+    def forward(self, x):
+        y = self.group.all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabEmbedding(nn.Module):
+    """Rows [rank * V/tp, (rank+1) * V/tp) of the table; ids outside give zeros, the all-reduce fills them in."""
+
+    def __init__(self, vocab_local: int, hidden: int, group: Group):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_local, hidden), requires_grad=False)
+        self.group = group
+
+    def forward(self, ids):
+        if self.group.size == 1:
+            return F.embedding(ids, self.weight)
+        start = self.group.rank * self.weight.shape[0]
+        local = ids - start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.group.all_reduce(out)
+
+
+def vocab_logits(h: torch.Tensor, weight: torch.Tensor, group: Group) -> torch.Tensor:
+    """Logits from a vocab slice of the output (or tied embedding) weight, gathered over TP so that every
+    rank of the last stage holds all of them."""
+    return group.all_gather_last(F.linear(h, weight))
