@@ -115,7 +115,7 @@ def _print_result(r: Result, quiet: bool, verbose: bool = False, dry_run: bool =
         return
     from rich.console import Console
     from rich.table import Table
-    con = Console()
+    con = Console(soft_wrap=True)
     title = f"{'plan for ' if dry_run else ''}{r.command}: {r.layout}"
     table = Table(title=title, title_justify="left")
     for col in ("file", "tensors", "bytes"):

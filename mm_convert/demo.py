@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     from .formats.hf import HFReader
     from .testing import make_tiny_hf_checkpoint
 
-    con = Console()
+    con = Console(soft_wrap=True)
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     hf, mm, mm2, back = work / "hf", work / "mm_tp2_pp2", work / "mm_tp1_pp2_vpp2", work / "hf_back"
