@@ -8,9 +8,8 @@ import pytest
 
 from mm_convert.errors import LayoutError
 
+# shared/ lies beside the checkout (developers' machines and CI alike)
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs" / "qwen2_5_vl"
-if not CONFIGS.is_dir():  # CI lays shared/ beside the clone; a developer's checkout has it at ../shared
-    CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "configs" / "qwen2_5_vl"
 
 
 @pytest.fixture(scope="module")
