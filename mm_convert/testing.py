@@ -21,6 +21,14 @@ def tiny_config_dict(**overrides) -> dict:
     return cfg
 
 
+def published_config_path(size: str) -> Path:
+    """A published Qwen2.5-VL config bundled with the package: size is "3b", "7b", "32b" or "72b"."""
+    path = Path(str(resources.files("mm_convert.data").joinpath(f"qwen2_5_vl_{size.lower()}.json")))
+    if not path.is_file():
+        raise FileNotFoundError(f"no bundled config for {size!r}; expected one of 3b, 7b, 32b, 72b")
+    return path
+
+
 def make_tiny_hf_checkpoint(
     out_dir: str | os.PathLike,
     *,

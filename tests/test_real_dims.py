@@ -2,21 +2,17 @@
 vision MLP 3420) converts at tp 2 and 4, bit-exact; tp 8 is refused naming the vision MLP size."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from mm_convert.errors import LayoutError
 
-# shared/ lies beside the checkout (developers' machines and CI alike)
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs" / "qwen2_5_vl"
+from mm_convert.testing import published_config_path
 
 
 @pytest.fixture(scope="module")
 def hf7b(tmp_path_factory):
     from mm_convert.synthetic import write_synthetic_checkpoint
-    assert (CONFIGS / "7b.json").is_file(), f"published configs not found at {CONFIGS}"
-    return write_synthetic_checkpoint(CONFIGS / "7b.json", tmp_path_factory.mktemp("hf7b"), layers=2, vit_layers=2,
+    return write_synthetic_checkpoint(published_config_path("7b"), tmp_path_factory.mktemp("hf7b"), layers=2, vit_layers=2,
                                       max_shard_size=1_500_000_000)
 
 
