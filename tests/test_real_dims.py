@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from mm_convert.errors import LayoutError
-
 from mm_convert.testing import published_config_path
 
 
