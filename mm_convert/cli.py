@@ -89,6 +89,12 @@ def _common(f):
     return f
 
 
+def _resume(f):
+    return click.option("--resume", is_flag=True,
+                        help="continue an interrupted run: finished files whose size and sha256 match its journal "
+                             "are kept (same plan only), the rest is redone")(f)
+
+
 def _run(ctx: click.Context, fn):
     """Call into the API; errors become one line on stderr and a non-zero exit (traceback with --debug)."""
     debug = ctx.params.get("debug")
@@ -100,7 +106,8 @@ def _run(ctx: click.Context, fn):
         click.echo(f"mm-convert: error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        click.echo("mm-convert: interrupted; no output was left at the destination", err=True)
+        click.echo("mm-convert: interrupted; nothing was written at the destination (finished files are kept "
+                   "for --resume)", err=True)
         sys.exit(130)
     except OSError as e:
         if debug:
@@ -170,15 +177,17 @@ def _make_group(name: str, cls) -> click.Group:
     @_cfg("hf_config.hf_dir", "hf_dir", required=True, metavar="DIR", help="input Hugging Face checkpoint (config.json + safetensors)")
     @_layout_options("parallel_config", "", True)
     @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
+    @_resume
     @_common
     @click.pass_context
-    def hf_to_mm(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, overwrite, quiet, debug):
+    def hf_to_mm(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, overwrite, resume, quiet, debug):
         """Convert an HF checkpoint into MM shards (release/mp_rank_*/model_optim_rng.pt).
 
         Every tensor is placed by the layer lists and split by the TP size; the layout is checked against
         config.json first (sums, shapes, vision before LLM, TP divisibility)."""
         conv = cls(progress=not quiet)
-        r = _run(ctx, lambda: conv.hf_to_mm(hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, overwrite=overwrite))
+        r = _run(ctx, lambda: conv.hf_to_mm(hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, overwrite=overwrite,
+                                            resume=resume))
         _print_result(r, quiet)
 
     @group.command("mm_to_hf")
@@ -191,16 +200,18 @@ def _make_group(name: str, cls) -> click.Group:
     @_cfg("max_shard_size", "max_shard_size", default="5GB", show_default=True, metavar="SIZE",
           help="largest safetensors file (e.g. 5GB, 500MB, 2GiB)")
     @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
+    @_resume
     @_common
     @click.pass_context
     def mm_to_hf(ctx, mm_dir, save_hf_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, max_shard_size,
-                 overwrite, quiet, debug):
+                 overwrite, resume, quiet, debug):
         """Convert MM shards back to HF safetensors (sharded, with an index), keeping dtypes and the key scheme.
 
         The layout is read off the shards; --cfg.parallel_config.* values, if given, are checked against it."""
         conv = cls(progress=not quiet)
         r = _run(ctx, lambda: conv.mm_to_hf(mm_dir, save_hf_dir, hf_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                            max_shard_size=max_shard_size, overwrite=overwrite))
+                                            max_shard_size=max_shard_size, overwrite=overwrite,
+                                            resume=resume))
         _print_result(r, quiet)
 
     @group.command("resplit")
@@ -210,10 +221,11 @@ def _make_group(name: str, cls) -> click.Group:
     @_layout_options("source_parallel_config", "source_", False)
     @_layout_options("target_parallel_config", "", True)
     @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
+    @_resume
     @_common
     @click.pass_context
     def resplit(ctx, source_dir, target_dir, hf_dir, source_tp_size, source_vit_tp_size, source_llm_pp_layers,
-                source_vit_pp_layers, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, overwrite, quiet, debug):
+                source_vit_pp_layers, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, overwrite, resume, quiet, debug):
         """Reshard MM shards to another TP / PP / virtual-pipeline layout directly, without HF files in between.
 
         The source layout is read off its shards (--cfg.source_parallel_config.* values are checked against it)."""
@@ -221,24 +233,29 @@ def _make_group(name: str, cls) -> click.Group:
         r = _run(ctx, lambda: conv.resplit(source_dir, target_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
                                            source_tp_size=source_tp_size, source_llm_pp_layers=source_llm_pp_layers,
                                            source_vit_pp_layers=source_vit_pp_layers, source_vit_tp_size=source_vit_tp_size,
-                                           hf_dir=hf_dir, overwrite=overwrite))
+                                           hf_dir=hf_dir, overwrite=overwrite, resume=resume))
         _print_result(r, quiet)
 
     @group.command("verify")
-    @_cfg("mm_dir", "mm_dir", required=True, metavar="DIR", help="MM checkpoint to check")
-    @_cfg("hf_config.hf_dir", "hf_dir", required=True, metavar="DIR", help="HF checkpoint it was converted from")
+    @_cfg("mm_dir", "mm_dir", required=True, metavar="DIR",
+          help="checkpoint to check (an MM checkpoint, or without --cfg.hf_config.hf_dir any mm_convert output)")
+    @_cfg("hf_config.hf_dir", "hf_dir", metavar="DIR",
+          help="HF checkpoint it was converted from; without it only the manifest (sizes, sha256) is checked")
     @_layout_options("parallel_config", "", False)
     @_common
     @click.pass_context
     def verify(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, quiet, debug):
-        """Check an MM checkpoint against its HF source: every tensor, bit for bit, plus a coverage report
-        naming any missing or unexpected key. Exits 1 on any difference."""
+        """Check an output against its mm_convert_manifest.json (every file's size and sha256; the first mismatch
+        is named) and, given the HF source, every MM tensor bit for bit, plus a coverage report naming any missing
+        or unexpected key. Exits 1 on any difference."""
         conv = cls(progress=not quiet)
         rep: VerifyReport = _run(ctx, lambda: conv.verify(hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size))
         for what, items in (("mismatched", rep.mismatched), ("missing", rep.missing), ("unexpected", rep.unexpected),
                             ("HF tensor not covered", rep.unused_hf)):
             for k in items:
                 click.echo(f"{what}: {k}", err=True)
+        if rep.manifest_error:
+            click.echo(f"manifest mismatch: {rep.manifest_error}", err=True)
         click.echo(rep.summary(), err=not rep.ok)
         sys.exit(0 if rep.ok else 1)
 

@@ -6,7 +6,9 @@ A converter class binds a model spec (mm_convert/models/<family>.py) to the gene
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections import Counter
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,11 +24,12 @@ from .formats import hf as hf_format
 from .formats import mm as mm_format
 from .layout import ParallelLayout
 from .models import qwen2_5_vl
+from .manifest import (MANIFEST, check_manifest, check_sizes, files_description, finalize, plan_id, read_journal,
+                       read_manifest, source_identity)
 from .output import atomic_output_dir
 from .plan import OutputFile, check_coverage, compose, hf_files_plan, hf_to_mm_plan, invert
 from .progress import Progress
 
-MANIFEST = "mm_convert_manifest.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
@@ -53,15 +56,22 @@ class VerifyReport:
     missing: list[str] = field(default_factory=list)      # expected in MM shards, not there
     unexpected: list[str] = field(default_factory=list)   # in MM shards, not expected
     unused_hf: list[str] = field(default_factory=list)    # HF tensors no MM tensor comes from
+    manifest_checked: int | None = None                   # files checked against mm_convert_manifest.json
+    manifest_error: str | None = None                     # the first file that does not match it
 
     @property
     def ok(self) -> bool:
-        return not (self.mismatched or self.missing or self.unexpected or self.unused_hf)
+        return not (self.mismatched or self.missing or self.unexpected or self.unused_hf or self.manifest_error)
 
     def summary(self) -> str:
+        files = (f"{self.manifest_checked} files match {MANIFEST} (size and sha256)"
+                 if self.manifest_checked is not None else "")
         if self.ok:
-            return f"OK: {self.checked} MM tensors equal their HF source, bit for bit; every HF tensor is covered"
-        parts = []
+            if self.checked == 0 and files:
+                return f"OK: {files}"
+            return (f"OK: {self.checked} MM tensors equal their HF source, bit for bit; every HF tensor is covered"
+                    + (f"; {files}" if files else ""))
+        parts = [f"manifest mismatch: {self.manifest_error}"] if self.manifest_error else []
         for what, items in (("mismatched", self.mismatched), ("missing", self.missing),
                             ("unexpected", self.unexpected), ("HF tensors not covered", self.unused_hf)):
             if items:
@@ -124,6 +134,7 @@ class Converter:
                 raise CheckpointError(f"{root / reader.file_of(n)}: {hf_format.from_legacy(n, reader.scheme)} has shape "
                                       f"{list(got)}, config.json expects {list(shape)}")
             dtypes[n] = dt
+        check_one_dtype(((root / reader.file_of(n), hf_format.from_legacy(n, reader.scheme), dt) for n, dt in dtypes.items()))
         return cfg, dims, reader, expected, dtypes
 
     def _layout(self, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, prefix) -> ParallelLayout:
@@ -142,6 +153,7 @@ class Converter:
         """Reader, config, dims, layout and checked source plan of an MM checkpoint."""
         reader = mm_format.MMReader(mm_dir, option)
         manifest = read_manifest(mm_dir)
+        check_sizes(mm_dir, manifest, [os.path.relpath(reader.iter_dir / r, mm_dir) for r in reader.shard_paths()])
         if hf_dir is not None:
             cfg = hf_format.load_config(hf_dir)
             source = str(Path(hf_dir) / "config.json")
@@ -166,25 +178,29 @@ class Converter:
         shapes = self.spec.hf_shapes(dims)
         plan = self._mm_plan(dims, layout, shapes, {n: None for n in shapes})
         check_shards_match(reader, plan)
+        check_one_dtype((reader.iter_dir / f.path, f"{slot}.{k}", t.dtype)
+                        for f in plan for slot, sd in reader.slots(f.path).items() for k, t in sd.items())
         scheme = (manifest or {}).get("hf_key_scheme", "legacy")
         return reader, cfg, dims, layout, shapes, plan, scheme
 
     # ---- commands ----------------------------------------------------------------------------------------
     def hf_to_mm(self, hf_dir, mm_dir, tp_size: int = 1, llm_pp_layers=None, vit_pp_layers=None, vit_tp_size: int = 0,
-                 *, overwrite: bool = False, dry_run: bool = False) -> Result:
-        """Convert an HF checkpoint directory into an MM checkpoint (``release``) with the given layout."""
+                 *, overwrite: bool = False, dry_run: bool = False, resume: bool = False) -> Result:
+        """Convert an HF checkpoint directory into an MM checkpoint (``release``) with the given layout.
+        ``resume``: keep the finished files of an interrupted run of the same plan (see manifest.py)."""
         cfg, dims, reader, shapes, dtypes = self._open_hf(hf_dir)
         layout = self._layout(dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, "--cfg.parallel_config")
         files = self._mm_plan(dims, layout, shapes, dtypes)
         result = Result("hf_to_mm", str(mm_dir), layout.describe(), files)
         if dry_run:
             return result
-        manifest = {"hf_config": cfg, "hf_key_scheme": reader.scheme, "source": str(Path(hf_dir).absolute())}
-        return self._write_mm(result, mm_dir, layout, Sources(hf=reader), [hf_dir], overwrite, manifest)
+        manifest = {"hf_config": cfg, "hf_key_scheme": reader.scheme, "source": str(Path(hf_dir).absolute()),
+                    "source_identity": source_identity(hf_dir, ["config.json", hf_format.INDEX] + reader.weight_files())}
+        return self._write_mm(result, mm_dir, layout, Sources(hf=reader), [hf_dir], overwrite, manifest, resume)
 
     def mm_to_hf(self, mm_dir, save_hf_dir, hf_dir=None, tp_size=None, llm_pp_layers=None, vit_pp_layers=None,
                  vit_tp_size=None, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-                 dry_run: bool = False) -> Result:
+                 dry_run: bool = False, resume: bool = False) -> Result:
         """Convert an MM checkpoint back to HF safetensors. The layout is read off the shards (given values
         are checked against them). ``hf_dir``: the original HF directory, for config, tokenizer and processor files."""
         reader, cfg, dims, layout, shapes, plan, scheme = self._open_mm(
@@ -202,8 +218,16 @@ class Converter:
         if dry_run:
             return result
         sources = Sources(mm=reader)
-        with self._output(save_hf_dir, "--cfg.save_hf_dir", [mm_dir], overwrite) as out:
-            result.bytes = self._execute(files, out, "hf", sources, "mm_to_hf")
+        doc = self._manifest_doc(result, layout, {
+            "hf_config": cfg, "hf_key_scheme": scheme, "source": str(Path(mm_dir).absolute()),
+            "source_identity": _mm_identity(mm_dir, reader),
+            "reference": source_identity(hf_dir, hf_format.NON_WEIGHT_FILES) if hf_dir is not None else None})
+        if resume and _complete(save_hf_dir, doc):
+            return self._already(result)
+        with self._output(save_hf_dir, "--cfg.save_hf_dir", [mm_dir] + ([hf_dir] if hf_dir else []), overwrite,
+                          resume=resume, plan_id=doc["plan"]) as out:
+            todo, kept = self._todo(out, "", files, result)
+            result.bytes = self._execute(todo, out, "hf", sources, "mm_to_hf") + kept
             if len(files) > 1:
                 hf_format.write_index(out / hf_format.INDEX, {t.key: f.path for f in files for t in f.tensors},
                                       sum(f.nbytes for f in files))
@@ -211,12 +235,14 @@ class Converter:
             if "config.json" not in copied:
                 (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             result.notes.append("copied from reference: " + (", ".join(copied) if copied else "none (config.json from manifest)"))
+            finalize(out, doc)
         result.seconds = time.monotonic() - self._t0
         return result
 
     def resplit(self, source_dir, target_dir, tp_size: int = 1, llm_pp_layers=None, vit_pp_layers=None,
                 vit_tp_size: int = 0, *, source_tp_size=None, source_llm_pp_layers=None, source_vit_pp_layers=None,
-                source_vit_tp_size=None, hf_dir=None, overwrite: bool = False, dry_run: bool = False) -> Result:
+                source_vit_tp_size=None, hf_dir=None, overwrite: bool = False, dry_run: bool = False,
+                resume: bool = False) -> Result:
         """Reshard an MM checkpoint to another TP / PP / VPP layout directly (no HF files in between)."""
         reader, cfg, dims, src_layout, shapes, src_plan, scheme = self._open_mm(
             source_dir, hf_dir, "--cfg.source_dir", source_tp_size, source_llm_pp_layers, source_vit_pp_layers,
@@ -229,11 +255,28 @@ class Converter:
         result = Result("resplit", str(target_dir), f"{src_layout.describe()} -> {layout.describe()}", files)
         if dry_run:
             return result
-        manifest = {"hf_config": cfg, "hf_key_scheme": scheme, "source": str(Path(source_dir).absolute())}
-        return self._write_mm(result, target_dir, layout, Sources(mm=reader), [source_dir], overwrite, manifest)
+        manifest = {"hf_config": cfg, "hf_key_scheme": scheme, "source": str(Path(source_dir).absolute()),
+                    "source_identity": _mm_identity(source_dir, reader)}
+        return self._write_mm(result, target_dir, layout, Sources(mm=reader), [source_dir] + ([hf_dir] if hf_dir else []),
+                              overwrite, manifest, resume)
 
     def verify(self, hf_dir, mm_dir, tp_size=None, llm_pp_layers=None, vit_pp_layers=None, vit_tp_size=None) -> VerifyReport:
-        """Compare every tensor of an MM checkpoint with what its HF checkpoint says it must be, bit for bit."""
+        """Compare every tensor of an MM checkpoint with what its HF checkpoint says it must be, bit for bit.
+        Any directory written by mm_convert is first checked against its manifest (every file's size and sha256);
+        with ``hf_dir`` None that is the whole check (any output: MM or HF)."""
+        report = VerifyReport()
+        if hf_dir is None or read_manifest(mm_dir) is not None:
+            report.manifest_checked, report.manifest_error = check_manifest(mm_dir)
+            if hf_dir is None:
+                return report
+        try:
+            return self._verify_tensors(report, hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size)
+        except CheckpointError:
+            if report.manifest_error:
+                return report  # the file the manifest check named is unreadable as well
+            raise
+
+    def _verify_tensors(self, report, hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size) -> VerifyReport:
         cfg, dims, hf_reader, shapes, dtypes = self._open_hf(hf_dir)
         reader = mm_format.MMReader(mm_dir)
         layout = reader.infer_layout(dims.vit_hidden)
@@ -245,7 +288,6 @@ class Converter:
         layout = self._layout(dims, layout.tp_size, [list(c) for c in layout.llm_pp_layers],
                               [list(c) for c in layout.vit_pp_layers], layout.vit_tp_size, "--cfg.mm_dir")
         plan = self._mm_plan(dims, layout, shapes, dtypes)
-        report = VerifyReport()
         used = set()
         hf_sources = Sources(hf=hf_reader)
         bar = Progress(sum(f.nbytes for f in plan), "verify", self.progress)
@@ -272,21 +314,47 @@ class Converter:
         return report
 
     # ---- execution ---------------------------------------------------------------------------------------
-    def _write_mm(self, result: Result, mm_dir, layout: ParallelLayout, sources: Sources, src_dirs, overwrite, manifest):
+    def _write_mm(self, result: Result, mm_dir, layout: ParallelLayout, sources: Sources, src_dirs, overwrite, manifest,
+                  resume: bool = False):
         option = "--cfg.target_dir" if result.command == "resplit" else "--cfg.mm_dir"
-        with self._output(mm_dir, option, src_dirs, overwrite) as out:
+        doc = self._manifest_doc(result, layout, manifest)
+        if resume and _complete(mm_dir, doc):
+            return self._already(result)
+        with self._output(mm_dir, option, src_dirs, overwrite, resume=resume, plan_id=doc["plan"]) as out:
             it = out / "release"
-            result.bytes = self._execute(result.files, it, "mm", sources, result.command)
+            todo, kept = self._todo(out, "release/", result.files, result)
+            result.bytes = self._execute(todo, it, "mm", sources, result.command) + kept
             mm_format.write_tracker(out, "release")
-            write_manifest(out, result, layout, manifest)
+            finalize(out, doc)
         result.seconds = time.monotonic() - self._t0
         return result
 
+    @staticmethod
+    def _manifest_doc(result: Result, layout: ParallelLayout, extra: dict) -> dict:
+        """What the manifest records besides the files; ``plan`` hashes it together with every planned tensor."""
+        doc = {"tool": "mm_convert", "version": __version__, "command": result.command, "layout": layout.to_dict(), **extra}
+        doc["plan"] = plan_id({**doc, "files": files_description(result.files)})
+        return doc
+
+    def _todo(self, out: Path, prefix: str, files: list[OutputFile], result: Result) -> tuple[list[OutputFile], int]:
+        """Files still to write after a resumed start (kept ones are journaled), and the bytes kept."""
+        done = read_journal(out)[1]
+        todo = [f for f in files if prefix + f.path not in done]
+        if len(todo) < len(files):
+            result.notes.append(f"resumed: kept {len(files) - len(todo)} finished files of the interrupted run, "
+                                f"wrote {len(todo)}")
+        return todo, sum(done[prefix + f.path]["size"] for f in files if prefix + f.path in done)
+
+    def _already(self, result: Result) -> Result:
+        result.bytes = 0
+        result.notes.append(f"{result.output}: already complete for this plan (every file matches {MANIFEST}); nothing written")
+        return result
+
     @contextmanager
-    def _output(self, target, option, sources, overwrite):
+    def _output(self, target, option, sources, overwrite, *, resume: bool = False, plan_id: str | None = None):
         """Atomic output directory; the command's wall time counts from here."""
         self._t0 = time.monotonic()
-        with atomic_output_dir(target, option, sources, overwrite) as out:
+        with atomic_output_dir(target, option, sources, overwrite, resume=resume, plan_id=plan_id) as out:
             yield out
 
     def _execute(self, files: list[OutputFile], root: Path, kind: str, sources: Sources, what: str) -> int:
@@ -322,6 +390,17 @@ def check_shards_match(reader: mm_format.MMReader, plan: list[OutputFile]) -> No
                 raise CheckpointError(f"{path}: unexpected model chunk '{slot}' for this layout")
 
 
+def check_one_dtype(items) -> None:
+    """All tensors of a checkpoint share one dtype: (file, key, dtype) items; names the first odd one."""
+    items = list(items)
+    counts = Counter(dt for _, _, dt in items)
+    if len(counts) > 1:
+        main = counts.most_common(1)[0][0]
+        path, key, dt = next(i for i in items if i[2] != main)
+        raise CheckpointError(f"{path}: {key} is {str(dt).replace('torch.', '')}, the other tensors are "
+                              f"{str(main).replace('torch.', '')}; expected one dtype throughout (mixed dtypes are not supported)")
+
+
 def copy_non_weight_files(hf_dir, out: Path) -> list[str]:
     copied = []
     for name in hf_format.NON_WEIGHT_FILES:
@@ -332,24 +411,18 @@ def copy_non_weight_files(hf_dir, out: Path) -> list[str]:
     return copied
 
 
-def read_manifest(mm_dir) -> dict | None:
-    p = Path(mm_dir) / MANIFEST
-    if not p.is_file():
-        return None
+def _mm_identity(mm_dir, reader: mm_format.MMReader) -> dict:
+    rels = [os.path.relpath(reader.iter_dir / r, mm_dir) for r in reader.shard_paths()]
+    return source_identity(mm_dir, rels + [mm_format.TRACKER, MANIFEST])
+
+
+def _complete(target, doc: dict) -> bool:
+    """``target`` already holds the output of this very plan, every file matching its manifest."""
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e})")
-
-
-def write_manifest(out: Path, result: Result, layout: ParallelLayout, extra: dict) -> None:
-    files = {}
-    for p in sorted(out.rglob("*")):
-        if p.is_file():
-            files[str(p.relative_to(out))] = {"size": p.stat().st_size}
-    doc = {"tool": "mm_convert", "version": __version__, "command": result.command, "layout": layout.to_dict(),
-           **extra, "files": files}
-    (out / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
+        m = read_manifest(target) if Path(target).is_dir() else None
+        return bool(m) and m.get("plan") == doc["plan"] and check_manifest(target)[1] is None
+    except CheckpointError:
+        return False
 
 
 class Qwen2_5_VLConverter(Converter):

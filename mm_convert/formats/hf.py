@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError, ConfigError
+from .torch_stream import StreamedTensor
+from ..manifest import open_output
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -80,6 +82,7 @@ class HFReader:
         else:
             raise CheckpointError(f"{self.root}: no {SINGLE} or {INDEX}; expected a Hugging Face safetensors checkpoint")
         self._handles: dict[str, object] = {}
+        self._layout: dict[str, tuple[int, dict]] = {}  # file -> (first data byte, header)
         self._file_of: dict[str, str] = {}  # legacy name -> file
         self._key_of: dict[str, str] = {}   # legacy name -> key in its file
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
@@ -105,7 +108,7 @@ class HFReader:
                 h = safe_open(str(self.root / fname), framework="pt")
             except Exception as e:  # safetensors raises its own error types for bad headers
                 raise CheckpointError(f"{self.root / fname}: not a readable safetensors file ({str(e).splitlines()[0]})")
-            _check_data_size(self.root / fname)
+            self._layout[fname] = _check_data_size(self.root / fname)
             self._handles[fname] = h
         return h
 
@@ -137,11 +140,20 @@ class HFReader:
         except Exception as e:
             raise CheckpointError(f"{self.root / self._file_of[name]}: cannot read {self._key_of[name]} ({str(e).splitlines()[0]})")
 
+    def locate(self, name: str) -> tuple[str, int, torch.dtype, tuple[int, ...]]:
+        """(file path, offset of the first byte, dtype, shape) of a tensor's contiguous row-major bytes,
+        so that executors can read any row range with plain file reads."""
+        fname = self._file_of[name]
+        self._open(fname)
+        start, header = self._layout[fname]
+        dt, shape = self.meta(name)
+        return str(self.root / fname), start + header[self._key_of[name]]["data_offsets"][0], dt, shape
+
     def weight_files(self) -> list[str]:
         return sorted(set(self._file_of.values()))
 
 
-def _check_data_size(path: Path) -> None:
+def _check_data_size(path: Path) -> tuple[int, dict]:
     """Catch truncated files up front: the header's last data offset must match the file size."""
     with open(path, "rb") as f:
         head = f.read(8)
@@ -153,6 +165,7 @@ def _check_data_size(path: Path) -> None:
     size = path.stat().st_size
     if size < 8 + n + end:
         raise CheckpointError(f"{path}: truncated ({size} bytes, header needs {8 + n + end})")
+    return 8 + n, header
 
 
 # ---- writer ----------------------------------------------------------------------------------------------
@@ -168,16 +181,21 @@ def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, torch.dt
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned
-    with open(path, "wb") as f:
+    with open_output(path) as f:  # hashed as written, fsynced, journaled (manifest.py); removed on failure
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for i, (name, dtype, shape) in enumerate(entries):
             t = produce(i)
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise CheckpointError(f"{path}: {name} came out as {t.dtype} {tuple(t.shape)}, planned {dtype} {tuple(shape)}")
-            write_tensor_bytes(f, t)
-        f.flush()
-        os.fsync(f.fileno())
+            if isinstance(t, StreamedTensor):  # bytes in row blocks: never whole in memory
+                n, start = _numel(shape) * dtype.itemsize, f.tell()
+                for chunk in t.chunks():
+                    f.write(chunk)
+                if f.tell() - start != n:
+                    raise CheckpointError(f"{path}: {name} came out as {f.tell() - start} bytes, planned {n}")
+            else:
+                write_tensor_bytes(f, t)
     return 8 + len(blob) + offset
 
 

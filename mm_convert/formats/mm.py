@@ -20,7 +20,8 @@ import torch
 from ..errors import CheckpointError
 from ..layout import ParallelLayout
 from ..plan import Ref, shard_path
-from .torch_stream import TensorSpec, write_torch_file
+from ..manifest import open_output
+from .torch_stream import TensorSpec, _archive_name, _write_archive, _ZipWriter
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
@@ -117,6 +118,22 @@ class MMReader:
             return t
         return t[tuple(slice(s, s + n) for s, n in zip(start, shape))]
 
+    def locate(self, ref: Ref) -> tuple[str, int, torch.dtype, tuple[int, ...]] | None:
+        """(file path, offset of the first byte, dtype, shape) of a tensor's contiguous bytes in its shard,
+        found from where the mmapped tensor lies in the file's mapping; None where that cannot be told
+        (not mmapped, not contiguous), in which case callers read through ``read``."""
+        t = self._tensor(ref)
+        if not t.is_contiguous():
+            return None
+        path = os.path.realpath(self.iter_dir / ref.file)
+        if t.numel() == 0:
+            return path, 0, t.dtype, tuple(t.shape)
+        addr = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+        offset = _file_offset(path, addr)
+        if offset is None or offset + t.numel() * t.element_size() > os.path.getsize(path):
+            return None
+        return path, offset, t.dtype, tuple(t.shape)
+
     def infer_layout(self, vit_hidden: int | None = None) -> ParallelLayout:
         """The layout the shards were written with, read off the layer indices present in tp rank 0."""
         first = self.slots(shard_path(0, 0, self.pp_size))
@@ -143,6 +160,22 @@ class MMReader:
         if vit_tp == self.tp_size:
             vit_tp = 0
         return ParallelLayout(self.tp_size, tuple(map(tuple, counts["llm"])), tuple(map(tuple, counts["vit"])), vit_tp)
+
+
+def _file_offset(path: str, addr: int) -> int | None:
+    """Offset in ``path`` of the byte mapped at address ``addr`` of this process (from /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split(None, 5)
+                if len(parts) < 6 or parts[5].rstrip("\n") != path:
+                    continue
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if lo <= addr < hi:
+                    return int(parts[2], 16) + addr - lo
+    except OSError:
+        pass
+    return None
 
 
 def load_torch_file(path: Path):
@@ -176,7 +209,10 @@ def write_shard(path: Path, slots: dict[str, list[tuple[str, torch.dtype, tuple[
         obj.update(extra)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return write_torch_file(path, obj, lambda p, spec: produce(p[0], index[(p[0], p[1])]))
+        # torch_stream's archive writer over a file that is hashed as written, fsynced and journaled
+        with open_output(path) as fh:
+            _write_archive(_ZipWriter(fh, _archive_name(path)), obj, lambda p, spec: produce(p[0], index[(p[0], p[1])]))
+        return fh.size
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}")
 
