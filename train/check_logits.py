@@ -77,7 +77,8 @@ def run_local(mm_dir, cfg: ModelConfig, layout: ParallelLayout, cases: dict, tas
     """Start the tp x pp runtime ranks here and run ``tasks`` on ``cases`` (name -> build_inputs output).
 
     A task is {"kind": "logits", "case": name} (result: logits tensor) or {"kind": "generate", "case": name,
-    "generation": GenerationConfig fields} (result: list of new token ids). Results come back in task order."""
+    "generation": GenerationConfig fields[, "record_logits": True]} (result: list of new token ids, or with
+    record_logits {"ids": ..., "logits": (steps, vocab)}). Results come back in task order."""
     with tempfile.TemporaryDirectory(prefix="mm_check_") as tmp:
         torch.save(cases, Path(tmp, "inputs.pt"))
         job = {"mm_dir": str(mm_dir), "config": cfg.to_dict(), "layout": layout.to_dict(),
@@ -105,7 +106,10 @@ def run_tasks(job_path: str) -> None:
             result = rt.step(rt.to_device(inputs))
             result = result.cpu() if writer else None
         elif task["kind"] == "generate":
-            result = generate(rt, inputs, GenerationConfig.from_dict(task.get("generation")))
+            logits = [] if task.get("record_logits") else None
+            result = generate(rt, inputs, GenerationConfig.from_dict(task.get("generation")), logits)
+            if logits is not None and writer:
+                result = {"ids": result, "logits": torch.stack(logits)}
         else:
             raise ValueError(f"unknown task kind {task['kind']!r}")
         if writer:

@@ -145,6 +145,38 @@ class ModelConfig:
                    eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []))
 
 
+def to_mm(cfg: ModelConfig, llm_pp_layers, vit_pp_layers) -> dict:
+    """The ``image_encoder`` / ``text_decoder`` blocks of a MindSpeed-MM model or inference json (inverse of
+    ``ModelConfig.from_mm``), with ``pipeline_num_layers`` set to the given layout."""
+    v, t = cfg.vision, cfg.text
+    return {
+        "img_context_token_id": cfg.image_token_id, "video_token_id": cfg.video_token_id,
+        "vision_start_token_id": cfg.vision_start_token_id,
+        "image_encoder": {
+            "vision_encoder": {
+                "model_id": "qwen2vit", "num_layers": v.depth, "pipeline_num_layers": vit_pp_layers,
+                "hidden_size": v.hidden_size, "ffn_hidden_size": v.intermediate_size,
+                "num_attention_heads": v.num_heads, "in_channels": v.in_channels, "patch_size": v.patch_size,
+                "spatial_merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
+                "window_attn_size": v.window_size, "fullatt_block_indexes": list(v.fullatt_block_indexes),
+                "tokens_per_second": v.tokens_per_second, "normalization": "RMSNorm", "layernorm_epsilon": v.eps,
+                "activation_func": "silu", "gated_linear_unit": True},
+            "vision_projector": {
+                "model_id": "lnmlp", "input_size": v.hidden_size, "hidden_size": v.out_hidden_size,
+                "ffn_hidden_size": v.hidden_size * v.spatial_merge_size ** 2, "activation_func": "gelu",
+                "normalization": "RMSNorm", "layernorm_epsilon": 1e-6, "add_bias_linear": True},
+        },
+        "text_decoder": {
+            "model_id": "qwen2_5_lm", "num_layers": t.num_layers, "pipeline_num_layers": llm_pp_layers,
+            "hidden_size": t.hidden_size, "ffn_hidden_size": t.intermediate_size,
+            "num_attention_heads": t.num_heads, "group_query_attention": True, "num_query_groups": t.num_kv_heads,
+            "vocab_size": t.vocab_size, "position_embedding_type": "mrope", "mrope_section": list(t.mrope_section),
+            "rope_theta": t.rope_theta, "untie_embeddings_and_output_weights": not t.tie_word_embeddings,
+            "add_qkv_bias": True, "add_bias_linear": False, "normalization": "RMSNorm", "layernorm_epsilon": t.eps,
+            "activation_func": "silu", "gated_linear_unit": True},
+    }
+
+
 def mm_pipeline_layers(cfg: dict) -> tuple[list, list]:
     """(llm_pp_layers, vit_pp_layers) from a MindSpeed-MM json's ``pipeline_num_layers`` fields."""
     enc = cfg["image_encoder"]["vision_encoder"]

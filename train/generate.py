@@ -39,15 +39,15 @@ class GenerationConfig:
         return cls(**kw)
 
 
-def next_token(logits: torch.Tensor, seen: list[int], gen: GenerationConfig, rng: torch.Generator) -> int:
-    """Pick a token from the last position's logits (vocab,)."""
+def process_scores(logits: torch.Tensor, seen: list[int], gen: GenerationConfig) -> torch.Tensor:
+    """The last position's logits (vocab,) after the penalties and warpers in effect (float32)."""
     scores = logits.float().clone()
     if gen.repetition_penalty != 1.0:
         idx = torch.tensor(sorted(set(seen)), dtype=torch.long, device=scores.device)
         s = scores[idx]
         scores[idx] = torch.where(s < 0, s * gen.repetition_penalty, s / gen.repetition_penalty)
-    if not gen.do_sample or gen.temperature <= 0:
-        return int(scores.argmax())
+    if not sampling(gen):
+        return scores
     scores = scores / gen.temperature
     if gen.top_k > 0:
         kth = torch.topk(scores, min(gen.top_k, scores.numel())).values[-1]
@@ -57,15 +57,27 @@ def next_token(logits: torch.Tensor, seen: list[int], gen: GenerationConfig, rng
         drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - gen.top_p
         drop[-1] = False  # always keep the most likely token
         scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    probs = scores.softmax(-1).cpu()
-    return int(torch.multinomial(probs, 1, generator=rng))
+    return scores
+
+
+def sampling(gen: GenerationConfig) -> bool:
+    return gen.do_sample and gen.temperature > 0
+
+
+def next_token(logits: torch.Tensor, seen: list[int], gen: GenerationConfig, rng: torch.Generator) -> int:
+    """Pick a token from the last position's logits (vocab,): argmax, or a draw from ``rng``."""
+    scores = process_scores(logits, seen, gen)
+    if not sampling(gen):
+        return int(scores.argmax())
+    return int(torch.multinomial(scores.softmax(-1).cpu(), 1, generator=rng))
 
 
 @torch.inference_mode()
-def generate(rt: Runtime, inputs: dict, gen: GenerationConfig) -> list[int]:
+def generate(rt: Runtime, inputs: dict, gen: GenerationConfig, step_logits: list | None = None) -> list[int]:
     """New token ids after the prompt (stopping after an eos token or ``max_new_tokens``); same on every rank.
 
-    inputs: from ``train.inputs.build_inputs``. Without the KV cache every step re-runs the whole sequence."""
+    inputs: from ``train.inputs.build_inputs``. Without the KV cache every step re-runs the whole sequence.
+    step_logits: if a list, the sampler rank appends each step's last-position logits (float32, CPU)."""
     rng = torch.Generator().manual_seed(gen.seed)
     seq = inputs["input_ids"][0].tolist()
     delta = inputs["rope_delta"]
@@ -74,7 +86,11 @@ def generate(rt: Runtime, inputs: dict, gen: GenerationConfig) -> list[int]:
     new: list[int] = []
     for _ in range(gen.max_new_tokens):
         logits = rt.step(batch)
-        tok = next_token(logits[0, -1], seq, gen, rng) if rt.ps.rank == rt.sampler_rank else None
+        tok = None
+        if rt.ps.rank == rt.sampler_rank:
+            tok = next_token(logits[0, -1], seq, gen, rng)
+            if step_logits is not None:
+                step_logits.append(logits[0, -1].float().cpu())
         tok = rt.broadcast_token(tok)
         seq.append(tok)
         new.append(tok)

@@ -27,9 +27,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(module: str, args: list[str], nprocs: int, *, timeout: float = 900,
-                 env: dict | None = None) -> None:
-    """Run ``python -m module *args`` as ranks 0..nprocs-1 on 127.0.0.1 (gloo on CPU)."""
+def launch_local(module: str, args: list[str], nprocs: int, *, timeout: float | None = 900,
+                 env: dict | None = None, show_rank0: bool = False) -> None:
+    """Run ``python -m module *args`` as ranks 0..nprocs-1 on 127.0.0.1 (gloo on CPU). Output goes to
+    per-rank logs (shown on failure); ``show_rank0`` passes rank 0's stdout through instead."""
     repo_root = str(Path(__file__).resolve().parent.parent)  # so that `train` imports without installing
     with tempfile.TemporaryDirectory(prefix="mm_runtime_") as tmp:
         base = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -40,9 +41,10 @@ def launch_local(module: str, args: list[str], nprocs: int, *, timeout: float = 
         for r in range(nprocs):
             log = open(Path(tmp) / f"rank{r}.log", "w+")
             logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
+            out = None if show_rank0 and r == 0 else log
+            procs.append(subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=log,
                                           env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}))
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout if timeout else float("inf")
         try:
             while any(p.poll() is None for p in procs):
                 if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
@@ -58,18 +60,23 @@ def launch_local(module: str, args: list[str], nprocs: int, *, timeout: float = 
         failed = [r for r, p in enumerate(procs) if p.returncode != 0]
         if not failed:
             return
-        for r in sorted(failed, key=lambda r: not (Path(tmp) / f"rank{r}.json").exists()):
-            err = Path(tmp) / f"rank{r}.json"
-            if err.exists():
-                info = json.loads(err.read_text())
-                cls = getattr(errors, info["type"], None)
-                if isinstance(cls, type) and issubclass(cls, errors.MMConvertError):
-                    raise cls(info["message"])
-                raise RuntimeError(f"rank {r} failed: {info['type']}: {info['message']}\n{info['traceback']}")
+        # The root cause is the first error recorded; the other ranks then fail on closed connections.
+        reports = sorted((json.loads(p.read_text()) for p in Path(tmp).glob("rank*.json")),
+                         key=lambda info: (not _our_error(info["type"]), info["time"]))
+        if reports:
+            info = reports[0]
+            if _our_error(info["type"]):
+                raise getattr(errors, info["type"])(info["message"])
+            raise RuntimeError(f"rank {info['rank']} failed: {info['type']}: {info['message']}\n{info['traceback']}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{module}: {nprocs} ranks did not finish within {timeout:.0f}s")
         tail = (Path(tmp) / f"rank{failed[0]}.log").read_text()[-3000:]
         raise RuntimeError(f"{module}: rank {failed[0]} exited with code {procs[failed[0]].returncode}:\n{tail}")
+
+
+def _our_error(name: str) -> bool:
+    cls = getattr(errors, name, None)
+    return isinstance(cls, type) and issubclass(cls, errors.MMConvertError)
 
 
 def worker_main(fn, *args) -> None:
@@ -81,7 +88,8 @@ def worker_main(fn, *args) -> None:
     except BaseException as e:
         err_dir = os.environ.get(ERROR_DIR_ENV)
         if err_dir:
-            info = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}
+            info = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc(),
+                    "rank": int(os.environ.get("RANK", 0)), "time": time.time()}
             Path(err_dir, f"rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps(info))
         raise
     if dist.is_initialized():
