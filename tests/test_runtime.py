@@ -100,6 +100,18 @@ def test_logits_virtual_pipeline(hf_ckpt, mm_ckpt):
     assert check_logits(mm_ckpt("untied", 2, llm, vit), hf_ckpt("untied"), 2, llm, vit, log=lambda s: None) <= 1e-5
 
 
+def test_logits_smaller_vision_tp_layout_read_off_checkpoint(hf_ckpt, tmp_path):
+    """vit_tp_size 1 under tp 2 (vision weights whole on both ranks), the layout left for check_logits to find."""
+    from mm_convert import Qwen2_5_VLConverter
+
+    hf = hf_ckpt("untied")
+    Qwen2_5_VLConverter(progress=False).hf_to_mm(hf, tmp_path / "mm", tp_size=2, llm_pp_layers=[1, 3],
+                                                  vit_pp_layers=[4, 0], vit_tp_size=1)
+    lines = []
+    assert check_logits(tmp_path / "mm", hf, log=lines.append) <= 1e-5
+    assert "tp=2 vit_tp=1 pp=2" in lines[0]
+
+
 def test_check_logits_fails_on_other_weights(hf_ckpt, mm_ckpt):
     """Same shapes, other weights: the difference is far above tolerance and check_logits says so."""
     llm, vit = LAYOUTS[1, 1]

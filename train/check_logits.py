@@ -33,16 +33,25 @@ def default_image():
     return Image.fromarray(np.random.RandomState(0).randint(0, 256, (84, 112, 3), dtype=np.uint8))
 
 
-def check_logits(mm_dir, hf_dir, tp_size: int = 1, llm_pp_layers=None, vit_pp_layers=None,
-                 tolerance: float = 1e-5, *, vit_tp_size: int = 0, image=None, prompt: str = DEFAULT_PROMPT,
-                 text_only: bool = True, processor_dir=None, timeout: float = 1800, log=print) -> float:
+def check_logits(mm_dir, hf_dir, tp_size: int | None = None, llm_pp_layers=None, vit_pp_layers=None,
+                 tolerance: float = 1e-5, *, vit_tp_size: int | None = None, image=None,
+                 prompt: str = DEFAULT_PROMPT, text_only: bool = True, processor_dir=None, timeout: float = 1800,
+                 log=print) -> float:
     """Max abs logit difference over an image+text input (and a text-only one); VerifyError above tolerance.
 
-    image: a PIL image or a path (default: a fixed random image). processor_dir: where the tokenizer and
-    image processor files are (default hf_dir). Layer lists default to everything on one stage."""
+    Layout values left None are read off the MM checkpoint (as mm_to_hf does). image: a PIL image or a path
+    (default: a fixed random image). processor_dir: where the tokenizer and image processor files are
+    (default hf_dir)."""
     cfg = ModelConfig.from_hf(hf_dir)
-    layout = ParallelLayout.create(tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                   llm_layers=cfg.text.num_layers, vit_layers=cfg.vision.depth)
+    if None in (tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size):
+        from mm_convert.formats.mm import MMReader
+
+        found = MMReader(mm_dir).infer_layout(cfg.vision.hidden_size)
+        tp_size = found.tp_size if tp_size is None else tp_size
+        llm_pp_layers = [list(c) for c in found.llm_pp_layers] if llm_pp_layers is None else llm_pp_layers
+        vit_pp_layers = [list(c) for c in found.vit_pp_layers] if vit_pp_layers is None else vit_pp_layers
+        vit_tp_size = found.vit_tp_size if vit_tp_size is None else vit_tp_size
+    layout = ParallelLayout.create(tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size)
     check_divisible(cfg, layout)  # before the (possibly long) transformers run
     tok, improc = load_processors(processor_dir or hf_dir)
     cases = {"image+text": build_inputs(tok, improc, cfg, prompt, image if image is not None else default_image())}

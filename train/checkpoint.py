@@ -1,4 +1,4 @@
-"""Finding and strictly loading this rank's own shard of an MM checkpoint."""
+"""Strictly loading this rank's own shard of an MM checkpoint (paths and file reading are the converter's)."""
 from __future__ import annotations
 
 import os
@@ -8,23 +8,14 @@ import torch
 import torch.nn as nn
 
 from mm_convert.errors import CheckpointError
+from mm_convert.formats.mm import load_torch_file, resolve_iteration_dir
+from mm_convert.plan import shard_path as relative_shard_path
+from mm_convert.plan import slot_name
 
 
 def shard_path(mm_dir: str | os.PathLike, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
     """``<mm_dir>/<release|iter_NNNNNNN>/mp_rank_TT[_PPP]/model_optim_rng.pt`` (the PP suffix only when pp > 1)."""
-    mm_dir = Path(mm_dir)
-    tracker = mm_dir / "latest_checkpointed_iteration.txt"
-    if not tracker.exists():
-        raise CheckpointError(f"{tracker}: missing (not an MM checkpoint directory?)")
-    it = tracker.read_text().strip()
-    if it == "release":
-        sub = "release"
-    elif it.isdigit():
-        sub = f"iter_{int(it):07d}"
-    else:
-        raise CheckpointError(f"{tracker}: expected 'release' or an iteration number, got {it!r}")
-    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    path = mm_dir / sub / name / "model_optim_rng.pt"
+    path = resolve_iteration_dir(mm_dir) / relative_shard_path(tp_rank, pp_rank, pp_size)
     if not path.exists():
         raise CheckpointError(f"{path}: missing shard for tp rank {tp_rank}, pp rank {pp_rank}")
     return path
@@ -32,18 +23,15 @@ def shard_path(mm_dir: str | os.PathLike, tp_rank: int, pp_rank: int, pp_size: i
 
 def read_shard(path: Path, vpp_size: int) -> list[dict[str, torch.Tensor]]:
     """The state dict of each virtual chunk (``model``, or ``model0``, ``model1``... with VPP), without
-    Megatron's ``_extra_state`` entries."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a corrupt zip, a pickle with non-tensor objects...
-        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
-    keys = ["model"] if vpp_size == 1 else [f"model{v}" for v in range(vpp_size)]
+    Megatron's ``_extra_state`` entries. Tensors stay memory-mapped."""
+    obj = load_torch_file(path)
     out = []
-    for key in keys:
-        if not isinstance(obj, dict) or key not in obj:
+    for v in range(vpp_size):
+        key = slot_name(v, vpp_size)
+        if not isinstance(obj, dict) or not isinstance(obj.get(key), dict):
             have = sorted(k for k in obj if k.startswith("model")) if isinstance(obj, dict) else type(obj).__name__
             raise CheckpointError(f"{path}: no {key!r} state dict (found {have}) for a layout with vpp={vpp_size}")
-        out.append({k: v for k, v in obj[key].items() if not k.endswith("_extra_state")})
+        out.append({k: t for k, t in obj[key].items() if not k.endswith("_extra_state")})
     return out
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from mm_convert.layout import ParallelLayout
+from mm_convert.plan import slot_name
 
 from .checkpoint import load_strict, read_shard, shard_path
 from .config import ModelConfig
@@ -34,7 +35,7 @@ class Runtime:
             pos = layout.position(v, self.ps.pp_rank)
             with torch.device("meta"):
                 stage = StageModel(cfg, layout, pos, self.ps)
-            load_strict(stage, state, f"{path} [{'model' if layout.vpp_size == 1 else f'model{v}'}]")
+            load_strict(stage, state, f"{path} [{slot_name(v, layout.vpp_size)}]")
             self.stages[pos] = stage.to(self.ps.device).eval()
         params = [p for s in self.stages.values() for p in s.parameters()]
         self.dtype = params[0].dtype if params else torch.float32
