@@ -47,6 +47,11 @@ def atomic_output_dir(target: str | os.PathLike, option: str, sources: list[str 
                       *, resume: bool = False, plan_id: str | None = None):
     """Yield a temporary sibling directory; on success it replaces ``target`` as a whole."""
     target = check_target(target, option, sources, overwrite)
+    for a in target.parents:
+        if a.exists():
+            if not a.is_dir():
+                raise MMConvertError(f"{option} {target}: {a} is not a directory; expected a directory path to write under")
+            break
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

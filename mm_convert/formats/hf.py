@@ -104,11 +104,17 @@ class HFReader:
     def _open(self, fname: str):
         h = self._handles.get(fname)
         if h is None:
+            try:  # size first, so that a cut-short file is reported as truncated
+                layout = _check_data_size(self.root / fname)
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+                layout = None  # a malformed header: safe_open says what is wrong with it
             try:
                 h = safe_open(str(self.root / fname), framework="pt")
             except Exception as e:  # safetensors raises its own error types for bad headers
                 raise CheckpointError(f"{self.root / fname}: not a readable safetensors file ({str(e).splitlines()[0]})")
-            self._layout[fname] = _check_data_size(self.root / fname)
+            if layout is None:
+                raise CheckpointError(f"{self.root / fname}: not a readable safetensors file (malformed header)")
+            self._layout[fname] = layout
             self._handles[fname] = h
         return h
 

@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from ..layout import ParallelLayout
 from ..plan import Ref, shard_path
 from ..manifest import open_output
-from .torch_stream import TensorSpec, _archive_name, _write_archive, _ZipWriter
+from .torch_stream import TensorSpec, _archive_name, _first_line, _write_archive, _ZipWriter
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
@@ -185,7 +185,7 @@ def load_torch_file(path: Path):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing")
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = _first_line(str(e)) if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "unpickl" in str(e).lower():
             raise CheckpointError(f"{path}: refused, it needs code to unpickle and only plain tensors are loaded "
                                   f"(weights_only=True): {msg[:200]}")
