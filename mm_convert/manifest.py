@@ -146,12 +146,19 @@ def resume_entries(tmp: Path, plan_id: str) -> dict[str, dict] | None:
     keep the journaled files whose size and sha256 still match, delete every other file, rewrite the journal
     and return the kept entries; None when the directory cannot be resumed (other plan, no journal)."""
     plan, entries = read_journal(tmp)
+    if plan is None:  # killed after the manifest replaced the journal, before the rename: the manifest lists all
+        try:
+            m = read_manifest(tmp)
+        except CheckpointError:
+            m = None
+        if m and isinstance(m.get("files"), dict):
+            plan, entries = m.get("plan"), {k: v for k, v in m["files"].items() if isinstance(v, dict)}
     if plan != plan_id:
         return None
     kept = {}
     for rel, e in entries.items():
         p = tmp / rel
-        if p.is_file() and p.stat().st_size == e["size"] and sha256_file(p) == e["sha256"]:
+        if p.is_file() and p.stat().st_size == e.get("size") and sha256_file(p) == e.get("sha256"):
             kept[rel] = e
     for p in sorted(tmp.rglob("*"), reverse=True):
         rel = p.relative_to(tmp).as_posix()
