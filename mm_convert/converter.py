@@ -235,7 +235,7 @@ class Converter:
             if "config.json" not in copied:
                 (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             result.notes.append("copied from reference: " + (", ".join(copied) if copied else "none (config.json from manifest)"))
-            finalize(out, doc)
+            finalize(out, doc, expect=[f.path for f in files])
         result.seconds = time.monotonic() - self._t0
         return result
 
@@ -325,7 +325,7 @@ class Converter:
             todo, kept = self._todo(out, "release/", result.files, result)
             result.bytes = self._execute(todo, it, "mm", sources, result.command) + kept
             mm_format.write_tracker(out, "release")
-            finalize(out, doc)
+            finalize(out, doc, expect=["release/" + f.path for f in result.files])
         result.seconds = time.monotonic() - self._t0
         return result
 

@@ -199,11 +199,15 @@ def source_identity(src_dir, rel_files) -> dict:
     return {"path": str(root), "files": files}
 
 
-def finalize(tmp: Path, doc: dict) -> dict:
+def finalize(tmp: Path, doc: dict, expect: list[str] | None = None) -> dict:
     """Write ``mm_convert_manifest.json`` into a finished temporary directory: ``doc`` plus every file's
     size and sha256 (from the journal for files written through :func:`open_output`, whose sizes are checked
-    on disk; hashed now for the others), then remove the journal."""
+    on disk; hashed now for the others), then remove the journal. ``expect``: the planned weight files, each
+    of which must have been written completely (journaled)."""
     _, journaled = read_journal(tmp)
+    for rel in expect or ():
+        if rel not in journaled:
+            raise CheckpointError(f"{tmp / rel}: was not written completely; the output is not complete")
     files = {}
     for p in sorted(tmp.rglob("*")):
         rel = p.relative_to(tmp).as_posix()

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError, ConfigError
 from .torch_stream import StreamedTensor
-from ..manifest import open_output
+from ..manifest import check_sizes, open_output, read_manifest
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -86,6 +86,7 @@ class HFReader:
         self._file_of: dict[str, str] = {}  # legacy name -> file
         self._key_of: dict[str, str] = {}   # legacy name -> key in its file
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
+        check_sizes(self.root, read_manifest(self.root), files)  # written by mm_convert: sizes must match
         for fname in files:
             if not (self.root / fname).is_file():
                 raise CheckpointError(f"{self.root / fname}: missing; {INDEX} lists it")
