@@ -95,6 +95,15 @@ def _resume(f):
                              "are kept (same plan only), the rest is redone")(f)
 
 
+def _workers(f):
+    def keep(ctx, _param, value):
+        ctx.meta["mm_convert.workers"] = value
+        return value
+    return click.option("--workers", type=click.IntRange(min=1), default=None, expose_value=False, callback=keep,
+                        metavar="N", help="processes writing output files in parallel [default: the machine's cores; "
+                                          "under torchrun the ranks also split the files among themselves]")(f)
+
+
 def _run(ctx: click.Context, fn):
     """Call into the API; errors become one line on stderr and a non-zero exit (traceback with --debug)."""
     debug = ctx.params.get("debug")
@@ -178,6 +187,7 @@ def _make_group(name: str, cls) -> click.Group:
     @_layout_options("parallel_config", "", True)
     @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
     @_resume
+    @_workers
     @_common
     @click.pass_context
     def hf_to_mm(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, overwrite, resume, quiet, debug):
@@ -185,7 +195,7 @@ def _make_group(name: str, cls) -> click.Group:
 
         Every tensor is placed by the layer lists and split by the TP size; the layout is checked against
         config.json first (sums, shapes, vision before LLM, TP divisibility)."""
-        conv = cls(progress=not quiet)
+        conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
         r = _run(ctx, lambda: conv.hf_to_mm(hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, overwrite=overwrite,
                                             resume=resume))
         _print_result(r, quiet)
@@ -201,6 +211,7 @@ def _make_group(name: str, cls) -> click.Group:
           help="largest safetensors file (e.g. 5GB, 500MB, 2GiB)")
     @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
     @_resume
+    @_workers
     @_common
     @click.pass_context
     def mm_to_hf(ctx, mm_dir, save_hf_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, max_shard_size,
@@ -208,7 +219,7 @@ def _make_group(name: str, cls) -> click.Group:
         """Convert MM shards back to HF safetensors (sharded, with an index), keeping dtypes and the key scheme.
 
         The layout is read off the shards; --cfg.parallel_config.* values, if given, are checked against it."""
-        conv = cls(progress=not quiet)
+        conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
         r = _run(ctx, lambda: conv.mm_to_hf(mm_dir, save_hf_dir, hf_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
                                             max_shard_size=max_shard_size, overwrite=overwrite,
                                             resume=resume))
@@ -222,6 +233,7 @@ def _make_group(name: str, cls) -> click.Group:
     @_layout_options("target_parallel_config", "", True)
     @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
     @_resume
+    @_workers
     @_common
     @click.pass_context
     def resplit(ctx, source_dir, target_dir, hf_dir, source_tp_size, source_vit_tp_size, source_llm_pp_layers,
@@ -229,7 +241,7 @@ def _make_group(name: str, cls) -> click.Group:
         """Reshard MM shards to another TP / PP / virtual-pipeline layout directly, without HF files in between.
 
         The source layout is read off its shards (--cfg.source_parallel_config.* values are checked against it)."""
-        conv = cls(progress=not quiet)
+        conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
         r = _run(ctx, lambda: conv.resplit(source_dir, target_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
                                            source_tp_size=source_tp_size, source_llm_pp_layers=source_llm_pp_layers,
                                            source_vit_pp_layers=source_vit_pp_layers, source_vit_tp_size=source_vit_tp_size,

@@ -10,7 +10,7 @@ import os
 import shutil
 from collections import Counter
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -18,8 +18,8 @@ from types import ModuleType
 import torch
 
 from . import __version__
-from .errors import CheckpointError, ConfigError, LayoutError, VerifyError
-from .execute import Sources, materialize, same_bits, write_file
+from .errors import CheckpointError, ConfigError, LayoutError, MMConvertError, VerifyError
+from .execute import Ranks, Sources, default_workers, materialize, run_files, same_bits, write_file
 from .formats import hf as hf_format
 from .formats import mm as mm_format
 from .layout import ParallelLayout
@@ -99,8 +99,11 @@ class Converter:
     """Generic over a model spec module (see models/qwen2_5_vl.py for what a spec provides)."""
     spec: ModuleType
 
-    def __init__(self, progress: bool = True):
+    def __init__(self, progress: bool = True, workers: int | None = None):
+        """``workers``: processes that write output files in parallel (default: this machine's cores; under
+        torchrun, per rank: the cores divided by the ranks on the node)."""
         self.progress = progress
+        self.workers = workers
 
     # ---- inputs ------------------------------------------------------------------------------------------
     def _dims(self, cfg: dict, source: str):
@@ -354,15 +357,62 @@ class Converter:
     def _output(self, target, option, sources, overwrite, *, resume: bool = False, plan_id: str | None = None):
         """Atomic output directory; the command's wall time counts from here."""
         self._t0 = time.monotonic()
-        with atomic_output_dir(target, option, sources, overwrite, resume=resume, plan_id=plan_id) as out:
-            yield out
+        ranks = self._ranks = Ranks()
+        if not ranks.active:
+            with atomic_output_dir(target, option, sources, overwrite, resume=resume, plan_id=plan_id) as out:
+                yield out
+            return
+        # torchrun: rank 0 owns the atomic directory (checks, rename); the others write their share into it
+        # and leave once every rank has reported (see _execute), skipping the rest of the command's body.
+        try:
+            if ranks.rank == 0:
+                with ExitStack() as stack:
+                    try:
+                        out = stack.enter_context(atomic_output_dir(target, option, sources, overwrite, resume=resume,
+                                                                    plan_id=plan_id))
+                    except BaseException as e:
+                        ranks.broadcast(("error", e))
+                        raise
+                    ranks.broadcast(("ok", str(out)))
+                    yield out
+            else:
+                status, value = ranks.broadcast(None)
+                if status == "error":
+                    raise value
+                try:
+                    yield Path(value)
+                except _RankDone:
+                    pass
+        finally:
+            ranks.close()
 
     def _execute(self, files: list[OutputFile], root: Path, kind: str, sources: Sources, what: str) -> int:
-        total = 0
-        with Progress(sum(f.nbytes for f in files), what, self.progress) as bar:
-            for f in files:
-                total += write_file(f, root, kind, sources, bar.advance)
+        """Write ``files``: split among ``workers`` processes, and among torchrun ranks when there are several."""
+        ranks = getattr(self, "_ranks", None) or Ranks()
+        mine = ranks.share(files)
+        total, error = 0, None
+        with Progress(sum(f.nbytes for f in mine), what, self.progress) as bar:
+            try:
+                total = run_files(mine, root, kind, sources, bar.advance, self.workers or default_workers())
+            except BaseException as e:
+                if not ranks.active:
+                    raise
+                error = e
+        if not ranks.active:
+            return total
+        ok, total = ranks.gather_outcome(error is None, total)
+        if error is not None:
+            raise error
+        if ok < ranks.world:
+            raise MMConvertError(f"{ranks.world - ok} of {ranks.world} torchrun ranks failed to write their files "
+                                 f"(see their messages); nothing was written to the output")
+        if ranks.rank != 0:
+            raise _RankDone()
         return total
+
+
+class _RankDone(Exception):
+    """A torchrun rank other than 0 has written its files; rank 0 finishes the output."""
 
 
 def check_shards_match(reader: mm_format.MMReader, plan: list[OutputFile]) -> None:

@@ -1,14 +1,51 @@
-"""Runs a plan: reads the pieces of each target tensor, assembles it, and streams it into its file."""
+"""Runs a plan: reads the pieces of each target tensor and streams them into its file, in bounded memory.
+
+A target tensor is never whole in memory. It goes to the writer as a :class:`StreamedTensor`: a sequence of
+row blocks of at most ``CHUNK_BYTES`` (32 MiB; ``MM_CONVERT_CHUNK_BYTES`` overrides it). Each block is filled
+with plain ``preadv`` calls straight from the source files at the pieces' byte offsets (safetensors header
+offsets; for MM shards, where torch's mmap placed the tensor in the file), so a dim-0 piece costs one copy
+(kernel -> block) and a dim-1 piece (TP split of columns) one more (a strided gather of the rows read).
+Blocks come from a small pool and are filled by a reader thread while the writer checksums and writes the
+previous one (both release the GIL), so reading and writing overlap. Memory is the pool (3 blocks), one
+scratch block and the interpreter, whatever the model or shard size; source pages are not mapped, so the
+page cache the reads fill is not part of the process's RSS.
+
+Parallelism: :func:`run_files` splits the output files among ``workers`` forked processes (balanced by bytes);
+:class:`Ranks` does the same across ``torchrun`` ranks (RANK / WORLD_SIZE), with gloo barriers. Each file is
+written by exactly one process, so the output does not depend on the number of workers or ranks.
+"""
 from __future__ import annotations
 
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
+from .errors import CheckpointError, MMConvertError
 from .formats import hf as hf_format
 from .formats import mm as mm_format
+from .formats.torch_stream import StreamedTensor
 from .plan import HF, OutputFile, Ref, TargetTensor
+
+CHUNK_BYTES = int(os.environ.get("MM_CONVERT_CHUNK_BYTES", 32 << 20))
+POOL_BLOCKS = 3  # one being written, one queued, one being filled
+_RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@dataclass(frozen=True)
+class Loc:
+    """Where a source tensor's contiguous row-major bytes lie."""
+    path: str
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
 
 
 class Sources:
@@ -22,6 +59,20 @@ class Sources:
 
     def read(self, ref: Ref, start, shape) -> torch.Tensor:
         return self.hf.read(ref.key, start, shape) if ref.file == HF else self.mm.read(ref, start, shape)
+
+    def locate(self, ref: Ref) -> Loc | None:
+        """Byte location of a source tensor, or None (then it is read through ``read``, row block by row block)."""
+        cache = self.__dict__.setdefault("_locs", {})
+        if ref not in cache:
+            where = self.hf.locate(ref.key) if ref.file == HF else self.mm.locate(ref)
+            cache[ref] = Loc(*where) if where is not None and where[2].itemsize in _RAW else None
+        return cache[ref]
+
+    def locate_all(self, files: list[OutputFile]) -> None:
+        for f in files:
+            for t in f.tensors:
+                for p in t.pieces:
+                    self.locate(p.src)
 
 
 def materialize(t: TargetTensor, sources: Sources) -> torch.Tensor:
@@ -39,17 +90,348 @@ def write_file(f: OutputFile, root: Path, kind: str, sources: Sources, on_bytes:
     """Write one planned output file under ``root`` (kind "mm" or "hf"); returns its size."""
     path = root / f.path
     path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = list(f.tensors)
+    with _Prefetch(tensors, sources, on_bytes) as pre:
+        if kind == "hf":
+            ts = f.slots[""]
+            return hf_format.write_safetensors(path, [(t.key, t.dtype, t.shape) for t in ts], pre.stream)
+        index, i = {}, 0
+        for s, ts in f.slots.items():
+            for j in range(len(ts)):
+                index[(s, j)] = i
+                i += 1
+        return mm_format.write_shard(path, {s: [(t.key, t.dtype, t.shape) for t in ts] for s, ts in f.slots.items()},
+                                     lambda s, j: pre.stream(index[(s, j)]))
 
-    def produce(tensors: list[TargetTensor], i: int) -> torch.Tensor:
-        t = materialize(tensors[i], sources)
-        on_bytes(tensors[i].nbytes)
-        return t
 
-    if kind == "hf":
-        ts = f.slots[""]
-        return hf_format.write_safetensors(path, [(t.key, t.dtype, t.shape) for t in ts], lambda i: produce(ts, i))
-    return mm_format.write_shard(path, {s: [(t.key, t.dtype, t.shape) for t in ts] for s, ts in f.slots.items()},
-                                 lambda s, i: produce(f.slots[s], i))
+# ---- streaming --------------------------------------------------------------------------------------------
+def _dims(shape) -> tuple[int, ...]:
+    return tuple(shape) if len(shape) else (1,)  # a 0-d tensor is one row of one element
+
+
+class _Blocks:
+    """Fills the row blocks of target tensors from their pieces (runs in the reader thread)."""
+
+    def __init__(self, sources: Sources):
+        self.sources = sources
+        self.fds: dict[str, int] = {}
+        self.scratch = np.empty(0, np.uint8)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def _pread(self, path: str, offset: int, out: np.ndarray) -> None:
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = os.open(path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        mv = memoryview(out).cast("B")
+        done = 0
+        while done < len(mv):
+            n = os.preadv(fd, [mv[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{path}: ends at byte {offset + done}, a tensor needs {len(mv) - done} more "
+                                      f"(truncated file?)")
+            done += n
+
+    @staticmethod
+    def rows_per_block(t: TargetTensor, locs: list[Loc | None], chunk: int) -> int:
+        shape = _dims(t.shape)
+        widest = prod(shape[1:]) * t.dtype.itemsize
+        for p, loc in zip(t.pieces, locs):
+            if not _row_contiguous(p, loc, t):
+                src = _dims(loc.shape) if loc is not None else _dims(p.shape)
+                widest = max(widest, prod(src[1:]) * t.dtype.itemsize)
+        return max(1, chunk // max(widest, 1))
+
+    def fill(self, t: TargetTensor, locs: list[Loc | None], r0: int, r1: int, out: np.ndarray) -> None:
+        """Rows [r0, r1) of ``t`` into ``out`` (uint8, exactly their size)."""
+        shape = _dims(t.shape)
+        isz = t.dtype.itemsize
+        trow = prod(shape[1:]) * isz
+        dst = None
+        for p, loc in zip(t.pieces, locs):
+            pd, ps, pss = _dims(p.dst_start) if p.dst_start else (0,), _dims(p.shape), p.src_start or (0,)
+            a, b = max(r0, pd[0]), min(r1, pd[0] + ps[0])
+            if a >= b:
+                continue
+            s0, n = pss[0] + a - pd[0], b - a
+            if _row_contiguous(p, loc, t):
+                srow = prod(_dims(loc.shape)[1:]) * isz
+                self._pread(loc.path, loc.offset + s0 * srow, out[(a - r0) * trow:(b - r0) * trow])
+                continue
+            if loc is not None:  # read whole source rows, then gather the piece's columns
+                src_shape = _dims(loc.shape)
+                need = n * prod(src_shape[1:]) * isz
+                if self.scratch.nbytes < need:
+                    self.scratch = np.empty(need, np.uint8)
+                buf = self.scratch[:need]
+                self._pread(loc.path, loc.offset + s0 * prod(src_shape[1:]) * isz, buf)
+                src = buf.view(_RAW[isz]).reshape((n,) + src_shape[1:])
+                src = src[(slice(None),) + tuple(slice(s, s + k) for s, k in zip(pss[1:], ps[1:]))]
+            else:  # no byte location: read the box through the reader (still one row block at a time)
+                x = self.sources.read(p.src, (s0,) + tuple(pss[1:]), (n,) + tuple(ps[1:])) if p.shape else \
+                    self.sources.read(p.src, p.src_start, p.shape)
+                src = x.contiguous().reshape(-1).view(torch.uint8).numpy().view(_RAW[isz]).reshape((n,) + ps[1:])
+            if dst is None:
+                dst = out.view(_RAW[isz]).reshape((r1 - r0,) + shape[1:])
+            dst[(slice(a - r0, b - r0),) + tuple(slice(d, d + k) for d, k in zip(pd[1:], ps[1:]))] = src
+
+
+def _row_contiguous(p, loc: Loc | None, t: TargetTensor) -> bool:
+    """A piece whose rows are whole rows of both its source and its target: a contiguous byte range on both sides."""
+    if loc is None:
+        return False
+    src, ps, tgt = _dims(loc.shape), _dims(p.shape), _dims(t.shape)
+    return ps[1:] == src[1:] == tgt[1:] and not any(p.src_start[1:]) and not any(p.dst_start[1:])
+
+
+_END = object()
+
+
+class _Prefetch:
+    """Reader thread filling pooled row blocks of a file's tensors, in order; ``stream(i)`` hands tensor i to
+    the writer as a StreamedTensor whose chunks are those blocks."""
+
+    def __init__(self, tensors: list[TargetTensor], sources: Sources, on_bytes: Callable[[int], None],
+                 chunk: int | None = None):
+        self.tensors, self.sources, self.on_bytes = tensors, sources, on_bytes
+        self.chunk = chunk or CHUNK_BYTES
+        self.ready: queue.Queue = queue.Queue(maxsize=POOL_BLOCKS - 1)
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(POOL_BLOCKS):
+            self.free.put(None)  # allocated on first use
+        self.stop = threading.Event()
+        self.next = 0
+        self.thread = threading.Thread(target=self._run, name="mm_convert-reader", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        while self.thread.is_alive():
+            try:
+                self.free.put_nowait(None)
+                self.ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        return False
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self) -> None:
+        blocks = _Blocks(self.sources)
+        try:
+            for i, t in enumerate(self.tensors):
+                locs = [self.sources.locate(p.src) for p in t.pieces]
+                rows = _dims(t.shape)[0]
+                step = _Blocks.rows_per_block(t, locs, self.chunk)
+                trow = prod(_dims(t.shape)[1:]) * t.dtype.itemsize
+                for r0 in range(0, rows, step):
+                    r1 = min(rows, r0 + step)
+                    buf = None
+                    while buf is None and not self.stop.is_set():
+                        try:
+                            buf = self.free.get(timeout=0.1)
+                        except queue.Empty:
+                            continue
+                        need = (r1 - r0) * trow
+                        if buf is None or buf.nbytes < need:
+                            buf = np.empty(max(need, min(self.chunk, t.nbytes)), np.uint8)
+                    if self.stop.is_set():
+                        return
+                    out = buf[:(r1 - r0) * trow]
+                    if out.nbytes:
+                        blocks.fill(t, locs, r0, r1, out)
+                    if not self._put((i, buf, out)):
+                        return
+                if not self._put((i, _END, None)):
+                    return
+        except BaseException as e:  # handed to the writer, which raises it
+            self._put((-1, e, None))
+        finally:
+            blocks.close()
+
+    def _chunks(self, i: int):
+        while True:
+            j, buf, out = self.ready.get()
+            if j == -1:
+                raise buf
+            if j != i:
+                raise RuntimeError(f"reader and writer out of step: tensor {j} came for tensor {i}")
+            if buf is _END:
+                return
+            try:
+                yield memoryview(out)
+            finally:
+                self.free.put(buf)
+            self.on_bytes(out.nbytes)
+
+    def stream(self, i: int) -> StreamedTensor:
+        t = self.tensors[i]
+        return StreamedTensor(t.dtype, tuple(t.shape), lambda: self._chunks(i))
+
+
+# ---- workers and ranks ------------------------------------------------------------------------------------
+def assign(files: list[OutputFile], n: int) -> list[list[int]]:
+    """Indices of ``files`` for each of ``n`` workers, balanced by bytes (largest first to the least loaded;
+    ties broken by index, so every process computes the same split)."""
+    bins: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    for i in sorted(range(len(files)), key=lambda i: (-files[i].nbytes, i)):
+        w = min(range(n), key=lambda k: (load[k], k))
+        bins[w].append(i)
+        load[w] += files[i].nbytes
+    return [sorted(b) for b in bins]
+
+
+def default_workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def run_files(files: list[OutputFile], root: Path, kind: str, sources: Sources, on_bytes: Callable[[int], None],
+              workers: int = 1) -> int:
+    """Write ``files`` under ``root``: in this process, or split among ``workers`` forked processes."""
+    workers = max(1, min(workers, len(files)))
+    if workers == 1:
+        return sum(write_file(f, root, kind, sources, on_bytes) for f in files)
+    import multiprocessing as mp
+    sources.locate_all(files)  # once, before forking: the workers inherit the locations
+    ctx = mp.get_context("fork")
+    done = ctx.Array("q", workers, lock=False)  # bytes written, one slot per worker
+    procs = []
+    for k, idx in enumerate(assign(files, workers)):
+        rx, tx = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_worker, args=([files[i] for i in idx], root, kind, sources, done, k, tx),
+                        name=f"mm_convert-worker-{k}", daemon=True)
+        p.start()
+        tx.close()
+        procs.append((p, rx))
+    total, seen, error = 0, 0, None
+    try:
+        pending = list(procs)
+        while pending:
+            for p, rx in list(pending):
+                if rx.poll(0.05):
+                    try:
+                        status, value = rx.recv()
+                    except EOFError:
+                        status, value = "error", MMConvertError(f"{p.name} died (exit code {p.exitcode})")
+                    p.join()
+                    pending.remove((p, rx))
+                    if status == "ok":
+                        total += value
+                    elif error is None:
+                        error = value
+                elif not p.is_alive() and not rx.poll(0):
+                    pending.remove((p, rx))
+                    if error is None:
+                        error = MMConvertError(f"{p.name} died (exit code {p.exitcode}); out of memory?")
+            if error is not None:
+                break
+            now = sum(done)
+            if now > seen:
+                on_bytes(now - seen)
+                seen = now
+    finally:
+        for p, rx in procs:
+            if p.is_alive():
+                p.terminate()  # only when another worker failed or we were interrupted
+            p.join()
+            rx.close()
+    if error is not None:
+        raise error
+    if sum(done) > seen:
+        on_bytes(sum(done) - seen)
+    return total
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive its parent (killed or crashed), or it would keep writing into the output."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker(files, root, kind, sources, done, k, tx) -> None:
+    _die_with_parent()
+    def advance(n: int) -> None:
+        done[k] += n
+    try:
+        total = sum(write_file(f, root, kind, sources, advance) for f in files)
+        tx.send(("ok", total))
+    except BaseException as e:
+        try:
+            tx.send(("error", e))
+        except Exception:
+            tx.send(("error", MMConvertError(f"{type(e).__name__}: {e}")))
+    finally:
+        tx.close()
+
+
+class Ranks:
+    """torchrun ranks (RANK / WORLD_SIZE in the environment) sharing one conversion: each writes its share of
+    the files; gloo collectives carry the output directory from rank 0 and the outcome back to it."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self._inited = False
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def _group(self):
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+            self._inited = True
+        return dist
+
+    def share(self, files: list[OutputFile]) -> list[OutputFile]:
+        if not self.active:
+            return files
+        return [files[i] for i in assign(files, self.world)[self.rank]]
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        dist = self._group()
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_outcome(self, ok: bool, nbytes: int) -> tuple[int, int]:
+        """(ranks that succeeded, bytes written by all ranks)."""
+        dist = self._group()
+        t = torch.tensor([int(ok), nbytes], dtype=torch.int64)
+        dist.all_reduce(t)
+        return int(t[0]), int(t[1])
+
+    def close(self) -> None:
+        if self._inited:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+            self._inited = False
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -54,7 +54,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["TensorSpec", "write_torch_file", "read_torch_file"]
+__all__ = ["TensorSpec", "StreamedTensor", "write_torch_file", "read_torch_file"]
 
 # Path of a value inside the object given to write_torch_file: the dict keys
 # and list/tuple indices leading to it, e.g. ("model", "decoder.final_norm.weight").
@@ -121,6 +121,17 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return self.numel * _element_size(self.dtype)
+
+
+@dataclasses.dataclass
+class StreamedTensor:
+    """A tensor given as its bytes rather than in memory: ``chunks()`` yields bytes-like objects that,
+    concatenated, are the tensor's contiguous row-major bytes (``produce`` may return one instead of a
+    tensor, so a tensor larger than RAM can be written). Each chunk is written before the next is asked for."""
+
+    dtype: torch.dtype
+    shape: tuple
+    chunks: Callable[[], Any]
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -422,11 +433,21 @@ def _write_archive(
         if st.spec is not None:
             if produce is None:
                 raise ValueError(f"{_fmt_path(st.path)}: TensorSpec found but no produce callback given")
-            t = _checked_tensor(produce(st.path, st.spec), st)
+            t = produce(st.path, st.spec)
+            if not isinstance(t, StreamedTensor):
+                t = _checked_tensor(t, st)
         else:
             t = _checked_tensor(st.tensor, st)
-        zw.begin(f"data/{st.key}", st.nbytes)
-        _write_tensor_bytes(zw, t)
+        if isinstance(t, StreamedTensor):
+            if t.dtype != st.dtype or tuple(t.shape) != st.shape:
+                raise ValueError(f"{_fmt_path(st.path)}: produced tensor is {t.dtype} {tuple(t.shape)}, "
+                                 f"expected {st.dtype} {st.shape}")
+            zw.begin(f"data/{st.key}", st.nbytes)
+            for chunk in t.chunks():
+                zw.write(chunk)
+        else:
+            zw.begin(f"data/{st.key}", st.nbytes)
+            _write_tensor_bytes(zw, t)
         zw.end()
         del t  # drop our reference before asking for the next tensor
         done += st.nbytes
