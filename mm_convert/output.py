@@ -9,6 +9,7 @@ of the same plan is kept: its journaled, checksum-matching files stay, the rest 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import shutil
 from contextlib import contextmanager
@@ -57,19 +58,33 @@ def atomic_output_dir(target: str | os.PathLike, option: str, sources: list[str 
     except OSError as e:
         raise MMConvertError(f"{option} {target}: cannot create its parent directory ({e.strerror or e})")
     tmp = tmp_dir_of(target)
-    kept = None
-    if tmp.is_dir() and resume and plan_id:
-        kept = resume_entries(tmp, plan_id)
+    kept, lock = None, None
+    if tmp.is_dir() and not tmp.is_symlink():
+        lock = _lock(tmp, option, target)  # refuse to take over the directory of a run still going
+        if resume and plan_id:
+            kept = resume_entries(tmp, plan_id)
     if kept is None and (tmp.exists() or tmp.is_symlink()):
         _remove(tmp)
+        _unlock(lock)
+        lock = None
     try:
         tmp.mkdir(exist_ok=kept is not None)
+        if lock is None:
+            lock = _lock(tmp, option, target)
         if plan_id and kept is None:
             start_journal(tmp, plan_id)
     except OSError as e:
+        _unlock(lock)
         _remove(tmp)
         raise MMConvertError(f"{option} {target}: cannot write in {target.parent} ({e.strerror or e}); "
                              f"expected a writable location")
+    try:
+        yield from _finish(tmp, target, lock)
+    finally:
+        _unlock(lock)
+
+
+def _finish(tmp: Path, target: Path, lock):
     try:
         yield tmp
         _fsync_dir(tmp)
@@ -95,6 +110,27 @@ def atomic_output_dir(target: str | os.PathLike, option: str, sources: list[str 
     else:
         os.rename(tmp, target)
     _fsync_dir(target.parent)
+
+
+def _lock(tmp: Path, option: str, target: Path) -> int:
+    """An exclusive lock on the temporary directory for the life of the run (released by the kernel when the
+    process ends, however it ends)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MMConvertError(f"{option} {target}: another mm-convert process is writing it ({tmp} is locked); "
+                             f"expected one run per output") from None
+    return fd
+
+
+def _unlock(fd) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _remove(p: Path) -> None:

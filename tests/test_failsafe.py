@@ -426,6 +426,18 @@ def _(e):
     return e.hf_to_mm(tp=2)
 
 
+@case("concurrent_run", "a second run to an output another run is writing (its temporary directory is locked)",
+      "another mm-convert process is writing it")
+def _(e):
+    import fcntl
+    tmp = e.tmp / ".out.mm_convert-tmp"
+    tmp.mkdir()
+    (tmp / "part.pt").write_bytes(b"in progress")
+    e.other = os.open(tmp, os.O_RDONLY)
+    fcntl.flock(e.other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return e.hf_to_mm(extra=["--resume"])
+
+
 # ---- the runner -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sources(tiny_hf, tmp_path_factory):
@@ -483,8 +495,12 @@ def test_bad_input(c: Case, sources, tmp_path, monkeypatch):
             assert after == out_before
     else:
         assert not out.exists(), sorted(out.rglob("*"))
-    assert not (out.parent / f".{out.name}.mm_convert-tmp").exists()
-    assert not list(tmp_path.glob(".*mm_convert-*"))
+    if getattr(e, "other", None) is not None:  # the other run's directory is left alone
+        assert (tmp_path / ".out.mm_convert-tmp" / "part.pt").read_bytes() == b"in progress"
+        os.close(e.other)
+    else:
+        assert not (out.parent / f".{out.name}.mm_convert-tmp").exists()
+        assert not list(tmp_path.glob(".*mm_convert-*"))
     # sources are never written to
     for n, t in watched.items():
         assert _tree(Path(sources[n])) == t
