@@ -17,6 +17,7 @@ import torch
 from mm_convert.errors import VerifyError
 from mm_convert.layout import ParallelLayout
 
+from .checkpoint import read_shard, shard_path
 from .config import ModelConfig
 from .inputs import build_inputs, hf_kwargs, load_processors
 from .launch import launch_local, worker_main
@@ -57,7 +58,7 @@ def check_logits(mm_dir, hf_dir, tp_size: int | None = None, llm_pp_layers=None,
     cases = {"image+text": build_inputs(tok, improc, cfg, prompt, image if image is not None else default_image())}
     if text_only:
         cases["text"] = build_inputs(tok, improc, cfg, prompt)
-    ref = hf_logits(hf_dir, cases)
+    ref = hf_logits(hf_dir, cases, shard_dtype(mm_dir, layout))
     got = run_local(mm_dir, cfg, layout, cases, [{"kind": "logits", "case": name} for name in cases], timeout=timeout)
     worst = 0.0
     for (name, ref_logits), logits in zip(ref.items(), got):
@@ -70,11 +71,18 @@ def check_logits(mm_dir, hf_dir, tp_size: int | None = None, llm_pp_layers=None,
     return worst
 
 
-def hf_logits(hf_dir, cases: dict) -> dict[str, torch.Tensor]:
-    """transformers' logits (float32) for each input; the model is freed before the runtime starts."""
+def shard_dtype(mm_dir, layout: ParallelLayout) -> torch.dtype:
+    """The dtype the runtime computes in: that of the first floating tensor of the first shard."""
+    state = read_shard(shard_path(mm_dir, 0, 0, layout.pp_size), layout.vpp_size)[0]
+    return next(t.dtype for t in state.values() if t.is_floating_point())
+
+
+def hf_logits(hf_dir, cases: dict, dtype: torch.dtype | str = "auto") -> dict[str, torch.Tensor]:
+    """transformers' logits (as float32) for each input, computed in ``dtype`` (the runtime's, so that both
+    round alike); the model is freed before the runtime starts."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype="auto").eval()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).eval()
     with torch.inference_mode():
         out = {name: model(**hf_kwargs(c)).logits.float() for name, c in cases.items()}
     del model
