@@ -345,6 +345,20 @@ def test_tiny_processor_loads_offline(tmp_path):
     assert torch.equal(theirs["input_ids"], mine["input_ids"])
 
 
+def test_model_config_sources_agree():
+    """Flat hub config, transformers' nested config and the MM json describe the same model."""
+    from transformers import Qwen2_5_VLConfig
+
+    from mm_convert.testing import tiny_config_dict
+
+    flat = ModelConfig.from_hf(tiny_config_dict())
+    assert ModelConfig.from_hf(Qwen2_5_VLConfig(**tiny_config_dict()).to_dict()) == flat
+    mm = ModelConfig.from_mm(to_mm(flat, [4], [4]))
+    assert (mm.vision, mm.text, mm.image_token_id) == (flat.vision, flat.text, flat.image_token_id)
+    assert ModelConfig.from_dict(flat.to_dict()) == flat
+    assert flat.text.mrope_section == (2, 3, 3) and flat.vision.fullatt_block_indexes == (1, 3)
+
+
 CONVERTER_LAYOUTS = {  # the hf_to_mm commands of MindSpeed-MM's Qwen2.5-VL guide: tp, llm, vit
     "3b": (1, [36], [32]), "7b": (1, [1, 10, 10, 7], [32, 0, 0, 0]),
     "32b": (2, [4, 9, 9, 9, 9, 9, 9, 6], [32, 0, 0, 0, 0, 0, 0, 0]), "72b": (8, [14, 23, 23, 20], [32, 0, 0, 0]),
