@@ -374,7 +374,7 @@ def test_example_inference_configs(size):
     from train.model import check_divisible
 
     check_divisible(cfg, ParallelLayout.create(tp, llm, vit))  # layer sums and TP splits fit the model
-    published = REPO.parent / "shared/configs/qwen2_5_vl" / f"{size}.json"
-    if published.exists():  # the published HF config describes the same model
-        hf = ModelConfig.from_hf(published)
-        assert hf.vision == cfg.vision and hf.text == cfg.text and hf.image_token_id == cfg.image_token_id
+    from mm_convert.testing import published_config_path
+
+    hf = ModelConfig.from_hf(published_config_path(size))  # the published HF config describes the same model
+    assert hf.vision == cfg.vision and hf.text == cfg.text and hf.image_token_id == cfg.image_token_id
