@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import CheckpointError, MMConvertError
@@ -30,6 +31,18 @@ class OutputWriteError(MMConvertError):
     """Writing an output file failed (disk full, I/O error, read-only location)."""
 
 
+_OVERLAP_MIN = 1 << 20
+_HASHER: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _hasher() -> ThreadPoolExecutor:
+    """One hashing thread per process (a forked worker gets its own)."""
+    global _HASHER
+    if _HASHER is None or _HASHER[0] != os.getpid():
+        _HASHER = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="mm_convert-sha256"))
+    return _HASHER[1]
+
+
 class HashingWriter:
     """A binary file object that hashes and counts the bytes written through it."""
 
@@ -40,11 +53,18 @@ class HashingWriter:
 
     def write(self, data) -> int:
         mv = memoryview(data).cast("B")
+        # a large block is hashed on a helper thread while this one writes it (both release the GIL); the
+        # call returns only when both are done, since the caller may reuse the buffer afterwards
+        fut = _hasher().submit(self.sha.update, mv) if len(mv) >= _OVERLAP_MIN else None
         try:
             n = self.fh.write(mv)
         except OSError as e:
             raise OutputWriteError(f"{self.path}: cannot write ({e.strerror or e}); {self.size} bytes were written")
-        self.sha.update(mv)
+        finally:
+            if fut is not None:
+                fut.result()
+        if fut is None:
+            self.sha.update(mv)
         self.size += len(mv)
         return n
 
