@@ -198,3 +198,41 @@ def test_no_unsafe_unpickling_in_the_package():
         for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
             assert "weights_only=True" in m.group(1), f"{f}: {m.group(0)}"
         assert not re.search(r"\bpickle\.loads?\(", text), f
+
+
+def test_hashing_writer_large_blocks_reused_buffer_and_enospc(tmp_path):
+    """Blocks >= 1 MiB are hashed on a helper thread while written; write() returns only when both are done,
+    so a caller that refills its buffer right after gets the right sha256. ENOSPC names the file."""
+    import errno
+    import os
+
+    import numpy as np
+
+    from mm_convert.manifest import OutputWriteError, open_output
+    buf = np.empty(3 << 19, np.uint8)
+    want = hashlib.sha256()
+    with open_output(tmp_path / "f.bin") as w:
+        for i in range(5):
+            buf[:] = i
+            w.write(buf)
+            want.update(buf.tobytes())
+            buf[:] = 255  # reuse the buffer at once
+        w.write(b"tail")
+        want.update(b"tail")
+    assert w.sha.hexdigest() == want.hexdigest() == hashlib.sha256((tmp_path / "f.bin").read_bytes()).hexdigest()
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, a):
+            return getattr(self.fh, a)
+
+    with pytest.raises(OutputWriteError, match=r"g\.bin: cannot write \(No space left on device\)"):
+        with open_output(tmp_path / "g.bin") as w:
+            w.fh = Full(w.fh)
+            w.write(buf)
+    assert not (tmp_path / "g.bin").exists()
