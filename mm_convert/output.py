@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import MMConvertError
-from .manifest import read_journal, resume_entries, start_journal
+from .manifest import MANIFEST, read_journal, resume_entries, start_journal
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -93,7 +93,7 @@ def _finish(tmp: Path, target: Path, lock):
                 _fsync_dir(d)
     except KeyboardInterrupt:
         # an interrupted run keeps its finished, journaled files for --resume; nothing sits at the final name
-        if not read_journal(tmp)[1]:
+        if not read_journal(tmp)[1] and not (tmp / MANIFEST).is_file():
             _remove(tmp)
         raise
     except BaseException:
