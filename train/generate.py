@@ -30,7 +30,7 @@ class GenerationConfig:
         """From a ``generation_config`` block (MindSpeed-MM inference json or HF): unknown keys are ignored,
         ``kv_cache`` is MindSpeed's name for ``use_cache``."""
         d = {**(d or {}), **{k: v for k, v in overrides.items() if v is not None}}
-        if "kv_cache" in d and "use_cache" not in overrides:
+        if "kv_cache" in d and overrides.get("use_cache") is None:
             d["use_cache"] = d["kv_cache"]
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names and v is not None}

@@ -50,7 +50,6 @@ class GatedMLP(nn.Module):
 class PatchEmbed(nn.Module):
     def __init__(self, vc: VisionConfig):
         super().__init__()
-        self.vc = vc
         self.proj = nn.Module()
         self.proj.weight = nn.Parameter(torch.empty(vc.hidden_size, vc.in_channels, vc.temporal_patch_size,
                                                      vc.patch_size, vc.patch_size), requires_grad=False)

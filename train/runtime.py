@@ -37,8 +37,6 @@ class Runtime:
                 stage = StageModel(cfg, layout, pos, self.ps)
             load_strict(stage, state, f"{path} [{slot_name(v, layout.vpp_size)}]")
             self.stages[pos] = stage.to(self.ps.device).eval()
-        params = [p for s in self.stages.values() for p in s.parameters()]
-        self.dtype = params[0].dtype if params else torch.float32
         dist.barrier()  # a rank that failed to load stops here everyone else, not a later recv
 
     def owner(self, pos: int) -> int:
