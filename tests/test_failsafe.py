@@ -560,3 +560,24 @@ def _write_table(path: Path) -> None:
     else:
         text += "\n" + table + "\n"
     path.write_text(text)
+
+
+def test_real_process_sample(sources, tmp_path):
+    """A sample of the catalogue through the real entry point (a separate Python process): same one line,
+    same exit code, no traceback, nothing left."""
+    import subprocess
+    import sys
+    by_id = {c.id: c for c in CASES}
+    for cid in ("truncated_safetensors", "pickle_needs_code"):
+        d = tmp_path / cid
+        d.mkdir()
+        e = Env(d, sources)
+        c = by_id[cid]
+        args = [str(a) for a in c.setup(e)]
+        p = subprocess.run([sys.executable, "-m", "mm_convert.cli", *args], capture_output=True, text=True)
+        assert p.returncode == c.code, p.stderr
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("mm-convert: error: ") and c.needle in lines[0], p.stderr
+        assert not e.out.exists() and not list(d.glob(".*mm_convert-*"))
+        if cid == "pickle_needs_code":
+            assert not e.marker.exists()
