@@ -34,8 +34,8 @@ from .formats import mm as mm_format
 from .formats.torch_stream import StreamedTensor
 from .plan import HF, OutputFile, Ref, TargetTensor
 
-CHUNK_BYTES = int(os.environ.get("MM_CONVERT_CHUNK_BYTES", 32 << 20))
-POOL_BLOCKS = 3  # one being written, one queued, one being filled
+CHUNK_BYTES = int(os.environ.get("MM_CONVERT_CHUNK_BYTES", 1 << 20))
+POOL_BLOCKS = int(os.environ.get("MM_CONVERT_POOL_BLOCKS", 8))  # being written, queued, being filled
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 

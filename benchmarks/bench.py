@@ -1,0 +1,225 @@
+"""Conversion throughput and memory against ``cp -r`` of the same bytes, on shape-real synthetic checkpoints.
+
+    python benchmarks/bench.py                      # 3B and 7B shapes, results in benchmarks/results.{md,json}
+    python benchmarks/bench.py --shapes 3b --workdir /big/disk/tmp
+
+For each shape (a config of ../shared/configs/qwen2_5_vl/): write a synthetic HF checkpoint (random bf16, hub
+key names, hub-like 4 GB shard files; not timed), then time, in one run:
+
+    cp -r HF       baseline for hf_to_mm        hf_to_mm HF -> MM (tp2, llm [[L/2, L/2]], vit [[V, 0]])
+    cp -r MM       baseline for resplit/mm_to_hf resplit MM -> MM' (tp1, llm [[L]], vit [[V]])
+                                                 mm_to_hf MM -> HF'
+
+Each command runs as a subprocess (the CLI, with its default --workers = cores). Wall time includes interpreter
+start-up and planning. ``cp -r`` is timed together with a ``sync`` because the converter fsyncs every file it
+writes (both numbers are recorded). The page cache is made comparable without root: before each timed command,
+the files it reads are written back and evicted with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (drop_caches needs
+root), so every command reads its input from disk. Peak RSS is sampled every 20 ms over the whole process tree
+(the CLI and its worker processes): the sum of VmRSS (forked workers share the parent's pages, which this counts
+once per process, so it overstates) and the largest single VmHWM. Page cache is not part of RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+CONFIGS = REPO.parent / "shared" / "configs" / "qwen2_5_vl"
+
+
+# ---- measuring ----------------------------------------------------------------------------------------------
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    out[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def run_measured(cmd: list[str], env=None) -> dict:
+    """Run ``cmd``; wall seconds and peak RSS of its process tree."""
+    peak = {"tree_rss": 0, "tree_anon": 0, "max_hwm": 0}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            stats = [_status(p) for p in _tree(proc.pid)]
+            peak["tree_rss"] = max(peak["tree_rss"], sum(s.get("VmRSS", 0) for s in stats))
+            peak["tree_anon"] = max(peak["tree_anon"], sum(s.get("RssAnon", 0) for s in stats))
+            peak["max_hwm"] = max([peak["max_hwm"]] + [s.get("VmHWM", 0) for s in stats])
+            stop.wait(0.02)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    out, _ = proc.communicate()
+    wall = time.monotonic() - t0
+    stop.set()
+    th.join()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out.decode(errors='replace')[-3000:]}")
+    return {"wall_s": wall, **peak, "output": out.decode(errors="replace").strip().splitlines()[-3:]}
+
+
+def evict(root: Path) -> None:
+    """Write back and drop the page cache of every file under ``root`` (no root privileges needed)."""
+    subprocess.run(["sync"], check=True)
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def du(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def time_cp(src: Path, dst: Path) -> dict:
+    evict(src)
+    t0 = time.monotonic()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    t1 = time.monotonic()
+    subprocess.run(["sync"], check=True)
+    t2 = time.monotonic()
+    shutil.rmtree(dst)
+    return {"wall_s": t2 - t0, "cp_only_s": t1 - t0, "bytes": du(src)}
+
+
+# ---- one shape ----------------------------------------------------------------------------------------------
+def bench_shape(shape: str, work: Path, workers: int | None) -> dict:
+    from mm_convert.synthetic import write_synthetic_checkpoint
+    cfg_path = CONFIGS / f"{shape}.json"
+    cfg = json.loads(cfg_path.read_text())
+    layers, vit = cfg["num_hidden_layers"], cfg["vision_config"]["depth"]
+    hf, mm, mm2, hf2 = (work / f"{shape}-{n}" for n in ("hf", "mm", "mm-resplit", "hf-back"))
+    for d in (hf, mm, mm2, hf2):
+        shutil.rmtree(d, ignore_errors=True)
+    t0 = time.monotonic()
+    write_synthetic_checkpoint(cfg_path, hf)
+    gen_s = time.monotonic() - t0
+    print(f"[{shape}] synthetic checkpoint: {du(hf) / 1e9:.2f} GB in {gen_s:.0f} s", flush=True)
+
+    cli = [sys.executable, "-m", "mm_convert.cli", "Qwen2_5_VLConverter"]
+    extra = ["--workers", str(workers)] if workers else []
+    half = [layers // 2, layers - layers // 2]
+    rows = []
+
+    def step(name, src, dst, cmd, baseline):
+        evict(src)
+        r = run_measured(cmd)
+        r.update(command=name, argv=" ".join(cmd[1:]), bytes=du(dst), cp_s=baseline["wall_s"],
+                 cp_only_s=baseline["cp_only_s"])
+        r["ratio"] = r["wall_s"] / baseline["wall_s"]
+        r["gb_s"] = r["bytes"] / r["wall_s"] / 1e9
+        rows.append(r)
+        print(f"[{shape}] {name}: {r['wall_s']:.1f} s ({r['ratio']:.2f}x cp -r), {r['gb_s']:.2f} GB/s, "
+              f"peak RSS tree {r['tree_rss'] / 2**20:.0f} MiB", flush=True)
+
+    cp_hf = time_cp(hf, work / f"{shape}-cp")
+    print(f"[{shape}] cp -r HF: {cp_hf['wall_s']:.1f} s (+sync), {cp_hf['cp_only_s']:.1f} s without sync", flush=True)
+    step("hf_to_mm", hf, mm, cli + ["hf_to_mm", "--cfg.hf_config.hf_dir", str(hf), "--cfg.mm_dir", str(mm),
+                                    "--cfg.parallel_config.tp_size", "2",
+                                    "--cfg.parallel_config.llm_pp_layers", json.dumps([half]).replace(" ", ""),
+                                    "--cfg.parallel_config.vit_pp_layers", json.dumps([[vit, 0]]).replace(" ", "")]
+         + extra, cp_hf)
+    ref = work / f"{shape}-ref"  # config.json only: the HF weights go now, to keep disk use at two checkpoints
+    ref.mkdir(exist_ok=True)
+    shutil.copyfile(hf / "config.json", ref / "config.json")
+    shutil.rmtree(hf)
+    cp_mm = time_cp(mm, work / f"{shape}-cp")
+    print(f"[{shape}] cp -r MM: {cp_mm['wall_s']:.1f} s (+sync), {cp_mm['cp_only_s']:.1f} s without sync", flush=True)
+    step("resplit", mm, mm2, cli + ["resplit", "--cfg.source_dir", str(mm), "--cfg.target_dir", str(mm2),
+                                    "--cfg.target_parallel_config.tp_size", "1",
+                                    "--cfg.target_parallel_config.llm_pp_layers", f"[[{layers}]]",
+                                    "--cfg.target_parallel_config.vit_pp_layers", f"[[{vit}]]"] + extra, cp_mm)
+    shutil.rmtree(mm2)
+    step("mm_to_hf", mm, hf2, cli + ["mm_to_hf", "--cfg.mm_dir", str(mm), "--cfg.save_hf_dir", str(hf2),
+                                     "--cfg.hf_config.hf_dir", str(ref)] + extra, cp_mm)
+    for d in (hf, mm, hf2, ref):
+        shutil.rmtree(d, ignore_errors=True)
+    return {"shape": shape, "config": str(cfg_path.relative_to(REPO.parent)), "checkpoint_bytes": cp_hf["bytes"],
+            "synthetic_s": gen_s, "cp_hf": cp_hf, "cp_mm": cp_mm, "commands": rows}
+
+
+def machine() -> dict:
+    mem = next((int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    fs = subprocess.run(["df", "-hT", "."], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    return {"host": platform.node(), "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "mem_gib": round(mem / 2**30, 1),
+            "kernel": platform.release(), "python": platform.python_version(), "filesystem": fs}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| shape | command | bytes | wall s | cp -r (+sync) s | ratio (goal <= 1.3) | GB/s | peak RSS tree MiB | max single-process HWM MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for r in res["commands"]:
+            lines.append(f"| {res['shape']} | {r['command']} | {r['bytes'] / 1e9:.2f} GB | {r['wall_s']:.1f} | {r['cp_s']:.1f} "
+                         f"| {r['ratio']:.2f} | {r['gb_s']:.2f} | {r['tree_rss'] / 2**20:.0f} | {r['max_hwm'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["3b", "7b"])
+    ap.add_argument("--workdir", default="/tmp/mm_convert_bench")
+    ap.add_argument("--workers", type=int, help="--workers for the CLI (default: its own default, the cores)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results file stem (.md and .json)")
+    a = ap.parse_args(argv)
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    results = []
+    for shape in a.shapes:
+        results.append(bench_shape(shape, work, a.workers))
+    doc = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+           "date": started.isoformat(timespec="seconds"), "machine": machine(), "results": results}
+    Path(a.out + ".json").write_text(json.dumps(doc, indent=2) + "\n")
+    m = doc["machine"]
+    md = (f"# Benchmark results\n\n`python benchmarks/{doc['command']}` on {doc['date']}\n\n"
+          f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB RAM, kernel {m['kernel']}, "
+          f"Python {m['python']}; work dir file system: `{m['filesystem']}`\n\n"
+          "ratio = command wall time / (`cp -r` of the command's input + `sync`), each with its input evicted from "
+          "the page cache first; peak RSS tree = largest sum of VmRSS over the CLI and its workers, sampled every "
+          "20 ms (shared pages of forked workers counted once per process).\n\n" + table(results) + "\n")
+    Path(a.out + ".md").write_text(md)
+    print()
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
