@@ -94,7 +94,7 @@ def run_measured(cmd: list[str], env=None) -> dict:
 def evict(root: Path) -> None:
     """Write back and drop the page cache of every file under ``root`` (no root privileges needed)."""
     subprocess.run(["sync"], check=True)
-    for p in root.rglob("*"):
+    for p in Path(root).rglob("*"):
         if p.is_file():
             fd = os.open(p, os.O_RDONLY)
             try:
@@ -120,9 +120,9 @@ def time_cp(src: Path, dst: Path) -> dict:
 
 
 # ---- one shape ----------------------------------------------------------------------------------------------
-def bench_shape(shape: str, work: Path, workers: int | None) -> dict:
+def bench_shape(shape: str, work: Path, workers: int | None, configs: Path = CONFIGS) -> dict:
     from mm_convert.synthetic import write_synthetic_checkpoint
-    cfg_path = CONFIGS / f"{shape}.json"
+    cfg_path = configs / f"{shape}.json"
     cfg = json.loads(cfg_path.read_text())
     layers, vit = cfg["num_hidden_layers"], cfg["vision_config"]["depth"]
     hf, mm, mm2, hf2 = (work / f"{shape}-{n}" for n in ("hf", "mm", "mm-resplit", "hf-back"))
@@ -171,7 +171,7 @@ def bench_shape(shape: str, work: Path, workers: int | None) -> dict:
                                      "--cfg.hf_config.hf_dir", str(ref)] + extra, cp_mm)
     for d in (hf, mm, hf2, ref):
         shutil.rmtree(d, ignore_errors=True)
-    return {"shape": shape, "config": str(cfg_path.relative_to(REPO.parent)), "checkpoint_bytes": cp_hf["bytes"],
+    return {"shape": shape, "config": str(cfg_path), "checkpoint_bytes": cp_hf["bytes"],
             "synthetic_s": gen_s, "cp_hf": cp_hf, "cp_mm": cp_mm, "commands": rows}
 
 
@@ -196,6 +196,7 @@ def table(results: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["3b", "7b"])
+    ap.add_argument("--configs", default=str(CONFIGS), help="directory of the shapes' config.json files")
     ap.add_argument("--workdir", default="/tmp/mm_convert_bench")
     ap.add_argument("--workers", type=int, help="--workers for the CLI (default: its own default, the cores)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results file stem (.md and .json)")
@@ -205,7 +206,7 @@ def main(argv=None) -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     results = []
     for shape in a.shapes:
-        results.append(bench_shape(shape, work, a.workers))
+        results.append(bench_shape(shape, work, a.workers, Path(a.configs)))
     doc = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
            "date": started.isoformat(timespec="seconds"), "machine": machine(), "results": results}
     Path(a.out + ".json").write_text(json.dumps(doc, indent=2) + "\n")
