@@ -88,7 +88,8 @@ def run_measured(cmd: list[str], env=None) -> dict:
     th.join()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out.decode(errors='replace')[-3000:]}")
-    return {"wall_s": wall, **peak, "output": out.decode(errors="replace").strip().splitlines()[-3:]}
+    return {"wall_s": wall, **peak, "load_after": os.getloadavg()[0],
+            "output": out.decode(errors="replace").strip().splitlines()[-3:]}
 
 
 def evict(root: Path) -> None:
@@ -110,13 +111,14 @@ def du(root: Path) -> int:
 
 def time_cp(src: Path, dst: Path) -> dict:
     evict(src)
+    load = os.getloadavg()[0]
     t0 = time.monotonic()
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
     t1 = time.monotonic()
     subprocess.run(["sync"], check=True)
     t2 = time.monotonic()
     shutil.rmtree(dst)
-    return {"wall_s": t2 - t0, "cp_only_s": t1 - t0, "bytes": du(src)}
+    return {"wall_s": t2 - t0, "cp_only_s": t1 - t0, "bytes": du(src), "load_before": load}
 
 
 # ---- one shape ----------------------------------------------------------------------------------------------
@@ -164,8 +166,14 @@ def bench_shape(shape: str, work: Path, workers: int | None, configs: Path = CON
     print(f"[{shape}] cp -r MM: {cp_mm['wall_s']:.1f} s (+sync), {cp_mm['cp_only_s']:.1f} s without sync", flush=True)
     step("resplit", mm, mm2, cli + ["resplit", "--cfg.source_dir", str(mm), "--cfg.target_dir", str(mm2),
                                     "--cfg.target_parallel_config.tp_size", "1",
-                                    "--cfg.target_parallel_config.llm_pp_layers", f"[[{layers}]]",
-                                    "--cfg.target_parallel_config.vit_pp_layers", f"[[{vit}]]"] + extra, cp_mm)
+                                    "--cfg.target_parallel_config.llm_pp_layers", json.dumps([half]).replace(" ", ""),
+                                    "--cfg.target_parallel_config.vit_pp_layers", json.dumps([[vit, 0]]).replace(" ", "")]
+         + extra, cp_mm)
+    shutil.rmtree(mm2)
+    step("resplit to one file", mm, mm2, cli + ["resplit", "--cfg.source_dir", str(mm), "--cfg.target_dir", str(mm2),
+                                                "--cfg.target_parallel_config.tp_size", "1",
+                                                "--cfg.target_parallel_config.llm_pp_layers", f"[[{layers}]]",
+                                                "--cfg.target_parallel_config.vit_pp_layers", f"[[{vit}]]"] + extra, cp_mm)
     shutil.rmtree(mm2)
     step("mm_to_hf", mm, hf2, cli + ["mm_to_hf", "--cfg.mm_dir", str(mm), "--cfg.save_hf_dir", str(hf2),
                                      "--cfg.hf_config.hf_dir", str(ref)] + extra, cp_mm)
@@ -184,12 +192,13 @@ def machine() -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| shape | command | bytes | wall s | cp -r (+sync) s | ratio (goal <= 1.3) | GB/s | peak RSS tree MiB | max single-process HWM MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | command | bytes | wall s | cp -r (+sync) s | ratio (goal <= 1.3) | GB/s | peak RSS tree MiB | max single-process HWM MiB | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for r in res["commands"]:
             lines.append(f"| {res['shape']} | {r['command']} | {r['bytes'] / 1e9:.2f} GB | {r['wall_s']:.1f} | {r['cp_s']:.1f} "
-                         f"| {r['ratio']:.2f} | {r['gb_s']:.2f} | {r['tree_rss'] / 2**20:.0f} | {r['max_hwm'] / 2**20:.0f} |")
+                         f"| {r['ratio']:.2f} | {r['gb_s']:.2f} | {r['tree_rss'] / 2**20:.0f} | {r['max_hwm'] / 2**20:.0f} "
+                         f"| {r.get('load_after', 0):.1f} |")
     return "\n".join(lines)
 
 
@@ -216,7 +225,11 @@ def main(argv=None) -> None:
           f"Python {m['python']}; work dir file system: `{m['filesystem']}`\n\n"
           "ratio = command wall time / (`cp -r` of the command's input + `sync`), each with its input evicted from "
           "the page cache first; peak RSS tree = largest sum of VmRSS over the CLI and its workers, sampled every "
-          "20 ms (shared pages of forked workers counted once per process).\n\n" + table(results) + "\n")
+          "20 ms (shared pages of forked workers counted once per process); load avg = 1-minute load average "
+          "after the command (the machine is shared: other jobs' load shows there; 2 cores).\n\n"
+          "hf_to_mm: tp2, llm [[L/2, L/2]], vit [[V, 0]] (4 files); resplit: to tp1 with the same stages (2 files); "
+          "resplit to one file: tp1, llm [[L]], vit [[V]] (one writer process); mm_to_hf: 5 GB safetensors files.\n\n"
+          + table(results) + "\n")
     Path(a.out + ".md").write_text(md)
     print()
     print(table(results))

@@ -20,6 +20,7 @@ import os
 import queue
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -36,6 +37,7 @@ from .plan import HF, OutputFile, Ref, TargetTensor
 
 CHUNK_BYTES = int(os.environ.get("MM_CONVERT_CHUNK_BYTES", 1 << 20))
 POOL_BLOCKS = int(os.environ.get("MM_CONVERT_POOL_BLOCKS", 8))  # being written, queued, being filled
+READ_AHEAD = 32 << 20  # asked of the kernel ahead of the reads (page cache, not this process's memory)
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -91,7 +93,7 @@ def write_file(f: OutputFile, root: Path, kind: str, sources: Sources, on_bytes:
     path = root / f.path
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = list(f.tensors)
-    with _Prefetch(tensors, sources, on_bytes) as pre:
+    with _Prefetch(tensors, sources, on_bytes, crc=kind == "mm") as pre:
         if kind == "hf":
             ts = f.slots[""]
             return hf_format.write_safetensors(path, [(t.key, t.dtype, t.shape) for t in ts], pre.stream)
@@ -115,6 +117,7 @@ class _Blocks:
     def __init__(self, sources: Sources):
         self.sources = sources
         self.fds: dict[str, int] = {}
+        self.ahead: dict[int, list[tuple[int, int]]] = {}  # fd -> byte ranges already asked of the kernel
         self.scratch = np.empty(0, np.uint8)
 
     def close(self) -> None:
@@ -129,6 +132,12 @@ class _Blocks:
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         mv = memoryview(out).cast("B")
+        ranges = self.ahead.setdefault(fd, [])  # a few interleaved streams per file (q, k, v rows...)
+        if hasattr(os, "posix_fadvise") and not any(lo <= offset and offset + len(mv) + READ_AHEAD // 2 <= hi
+                                                    for lo, hi in ranges):
+            # start the disk reads of what comes next now, so they overlap the checksums and writes
+            os.posix_fadvise(fd, offset, len(mv) + READ_AHEAD, os.POSIX_FADV_WILLNEED)
+            ranges[:] = [r for r in ranges if not (r[0] <= offset <= r[1])][-7:] + [(offset, offset + len(mv) + READ_AHEAD)]
         done = 0
         while done < len(mv):
             n = os.preadv(fd, [mv[done:]], offset + done)
@@ -197,8 +206,10 @@ class _Prefetch:
     the writer as a StreamedTensor whose chunks are those blocks."""
 
     def __init__(self, tensors: list[TargetTensor], sources: Sources, on_bytes: Callable[[int], None],
-                 chunk: int | None = None):
+                 chunk: int | None = None, crc: bool = False):
         self.tensors, self.sources, self.on_bytes = tensors, sources, on_bytes
+        self.crc = crc  # the reader thread also computes each tensor's CRC-32 (zip records), off the writer's path
+        self.crcs: dict[int, int] = {}
         self.chunk = chunk or CHUNK_BYTES
         self.ready: queue.Queue = queue.Queue(maxsize=POOL_BLOCKS - 1)
         self.free: queue.Queue = queue.Queue()
@@ -239,6 +250,7 @@ class _Prefetch:
                 rows = _dims(t.shape)[0]
                 step = _Blocks.rows_per_block(t, locs, self.chunk)
                 trow = prod(_dims(t.shape)[1:]) * t.dtype.itemsize
+                crc = 0
                 for r0 in range(0, rows, step):
                     r1 = min(rows, r0 + step)
                     buf = None
@@ -255,9 +267,11 @@ class _Prefetch:
                     out = buf[:(r1 - r0) * trow]
                     if out.nbytes:
                         blocks.fill(t, locs, r0, r1, out)
+                        if self.crc:
+                            crc = zlib.crc32(out, crc)
                     if not self._put((i, buf, out)):
                         return
-                if not self._put((i, _END, None)):
+                if not self._put((i, _END, crc)):
                     return
         except BaseException as e:  # handed to the writer, which raises it
             self._put((-1, e, None))
@@ -272,6 +286,7 @@ class _Prefetch:
             if j != i:
                 raise RuntimeError(f"reader and writer out of step: tensor {j} came for tensor {i}")
             if buf is _END:
+                self.crcs[i] = out
                 return
             try:
                 yield memoryview(out)
@@ -281,7 +296,8 @@ class _Prefetch:
 
     def stream(self, i: int) -> StreamedTensor:
         t = self.tensors[i]
-        return StreamedTensor(t.dtype, tuple(t.shape), lambda: self._chunks(i))
+        return StreamedTensor(t.dtype, tuple(t.shape), lambda: self._chunks(i),
+                              (lambda: self.crcs.pop(i)) if self.crc else None)
 
 
 # ---- workers and ranks ------------------------------------------------------------------------------------

@@ -132,6 +132,7 @@ class StreamedTensor:
     dtype: torch.dtype
     shape: tuple
     chunks: Callable[[], Any]
+    crc32: Callable[[], int] | None = None  # the bytes' CRC-32, computed by the producer; asked after the chunks
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -312,12 +313,16 @@ class _ZipWriter:
         assert self.pos % _ALIGN == 0
         self._crc, self._written = 0, 0
 
-    def write(self, data) -> None:
+    def write(self, data, crc: bool = True) -> None:
         mv = memoryview(data).cast("B")
-        self._crc = zlib.crc32(mv, self._crc)
+        if crc:  # else the caller sets the record's CRC-32 (set_crc) before end()
+            self._crc = zlib.crc32(mv, self._crc)
         self.fh.write(mv)
         self._written += len(mv)
         self.pos += len(mv)
+
+    def set_crc(self, crc: int) -> None:
+        self._crc = crc
 
     def end(self) -> None:
         bname, offset, size = self._open
@@ -444,7 +449,9 @@ def _write_archive(
                                  f"expected {st.dtype} {st.shape}")
             zw.begin(f"data/{st.key}", st.nbytes)
             for chunk in t.chunks():
-                zw.write(chunk)
+                zw.write(chunk, crc=t.crc32 is None)
+            if t.crc32 is not None:
+                zw.set_crc(t.crc32())
         else:
             zw.begin(f"data/{st.key}", st.nbytes)
             _write_tensor_bytes(zw, t)
