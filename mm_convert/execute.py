@@ -409,8 +409,9 @@ class Ranks:
     the files; gloo collectives carry the output directory from rank 0 and the outcome back to it."""
 
     def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
+        off = os.environ.get("MM_CONVERT_DISTRIBUTED", "1") == "0"  # a rank converting alone inside a bigger job
+        self.world = 1 if off else int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = 0 if off else int(os.environ.get("RANK", "0"))
         self._inited = False
 
     @property
