@@ -389,6 +389,7 @@ class Converter:
     def _execute(self, files: list[OutputFile], root: Path, kind: str, sources: Sources, what: str) -> int:
         """Write ``files``: split among ``workers`` processes, and among torchrun ranks when there are several."""
         ranks = getattr(self, "_ranks", None) or Ranks()
+        sources.plan_reads(files)  # over every rank's files: which source bytes are read once
         mine = ranks.share(files)
         total, error = 0, None
         with Progress(sum(f.nbytes for f in mine), what, self.progress) as bar:

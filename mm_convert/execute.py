@@ -70,6 +70,35 @@ class Sources:
             cache[ref] = Loc(*where) if where is not None and where[2].itemsize in _RAW else None
         return cache[ref]
 
+    def plan_reads(self, files: list[OutputFile]) -> None:
+        """Find the pieces that are the only reader of their source rows in ``files`` (the whole plan, every
+        worker and rank): their bytes are dropped from the page cache once read (use-once streaming keeps the
+        cache, and the memory reclaim that a full cache costs every new page, out of the way). Rows read by
+        several pieces (replicated tensors, tied copies, dim-1 TP splits) stay cached for the other readers."""
+        if os.environ.get("MM_CONVERT_KEEP_CACHE", "0") == "1" or not hasattr(os, "posix_fadvise"):
+            self.sole = set()
+            return
+        rows: dict[Ref, list[tuple[int, int, object]]] = {}
+        for f in files:
+            for t in f.tensors:
+                for p in t.pieces:
+                    lo = p.src_start[0] if p.src_start else 0
+                    rows.setdefault(p.src, []).append((lo, lo + (p.shape[0] if p.shape else 1), p))
+        sole = set()
+        for spans in rows.values():
+            spans.sort(key=lambda x: (x[0], x[1]))
+            reach = -1
+            for k, (lo, hi, p) in enumerate(spans):
+                nxt = spans[k + 1][0] if k + 1 < len(spans) else None
+                if lo >= reach and (nxt is None or nxt >= hi):
+                    sole.add(p)
+                reach = max(reach, hi)
+        counts: dict = {}
+        for spans in rows.values():
+            for _, _, p in spans:
+                counts[p] = counts.get(p, 0) + 1
+        self.sole = {p for p in sole if counts[p] == 1}  # the same box twice (replicated) is not sole
+
     def locate_all(self, files: list[OutputFile]) -> None:
         for f in files:
             for t in f.tensors:
@@ -96,14 +125,29 @@ def write_file(f: OutputFile, root: Path, kind: str, sources: Sources, on_bytes:
     with _Prefetch(tensors, sources, on_bytes, crc=kind == "mm") as pre:
         if kind == "hf":
             ts = f.slots[""]
-            return hf_format.write_safetensors(path, [(t.key, t.dtype, t.shape) for t in ts], pre.stream)
-        index, i = {}, 0
-        for s, ts in f.slots.items():
-            for j in range(len(ts)):
-                index[(s, j)] = i
-                i += 1
-        return mm_format.write_shard(path, {s: [(t.key, t.dtype, t.shape) for t in ts] for s, ts in f.slots.items()},
-                                     lambda s, j: pre.stream(index[(s, j)]))
+            size = hf_format.write_safetensors(path, [(t.key, t.dtype, t.shape) for t in ts], pre.stream)
+        else:
+            index, i = {}, 0
+            for s, ts in f.slots.items():
+                for j in range(len(ts)):
+                    index[(s, j)] = i
+                    i += 1
+            size = mm_format.write_shard(path, {s: [(t.key, t.dtype, t.shape) for t in ts] for s, ts in f.slots.items()},
+                                         lambda s, j: pre.stream(index[(s, j)]))
+    if getattr(sources, "sole", None):  # written and fsynced: its pages are clean, free them (use-once)
+        _drop_cache(path)
+    return size
+
+
+def _drop_cache(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 # ---- streaming --------------------------------------------------------------------------------------------
@@ -119,13 +163,14 @@ class _Blocks:
         self.fds: dict[str, int] = {}
         self.ahead: dict[int, list[tuple[int, int]]] = {}  # fd -> byte ranges already asked of the kernel
         self.scratch = np.empty(0, np.uint8)
+        self.sole = getattr(sources, "sole", set())
 
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
 
-    def _pread(self, path: str, offset: int, out: np.ndarray) -> None:
+    def _pread(self, path: str, offset: int, out: np.ndarray, drop: bool = False) -> None:
         fd = self.fds.get(path)
         if fd is None:
             fd = self.fds[path] = os.open(path, os.O_RDONLY)
@@ -145,16 +190,16 @@ class _Blocks:
                 raise CheckpointError(f"{path}: ends at byte {offset + done}, a tensor needs {len(mv) - done} more "
                                       f"(truncated file?)")
             done += n
+        if drop:  # no other piece reads these bytes: free their page cache now
+            os.posix_fadvise(fd, offset, len(mv), os.POSIX_FADV_DONTNEED)
 
     @staticmethod
     def rows_per_block(t: TargetTensor, locs: list[Loc | None], chunk: int) -> int:
-        shape = _dims(t.shape)
-        widest = prod(shape[1:]) * t.dtype.itemsize
-        for p, loc in zip(t.pieces, locs):
-            if not _row_contiguous(p, loc, t):
-                src = _dims(loc.shape) if loc is not None else _dims(p.shape)
-                widest = max(widest, prod(src[1:]) * t.dtype.itemsize)
-        return max(1, chunk // max(widest, 1))
+        """Rows of ``t`` per block: at least ``chunk`` bytes (rounded up to whole rows; the manifest's hasher
+        overlaps writes of 1 MiB and more). A dim-1 piece reads whole source rows into the scratch block, at
+        most (source row / target row) times the block: the TP size."""
+        row = prod(_dims(t.shape)[1:]) * t.dtype.itemsize
+        return max(1, -(-chunk // max(row, 1)))
 
     def fill(self, t: TargetTensor, locs: list[Loc | None], r0: int, r1: int, out: np.ndarray) -> None:
         """Rows [r0, r1) of ``t`` into ``out`` (uint8, exactly their size)."""
@@ -170,7 +215,7 @@ class _Blocks:
             s0, n = pss[0] + a - pd[0], b - a
             if _row_contiguous(p, loc, t):
                 srow = prod(_dims(loc.shape)[1:]) * isz
-                self._pread(loc.path, loc.offset + s0 * srow, out[(a - r0) * trow:(b - r0) * trow])
+                self._pread(loc.path, loc.offset + s0 * srow, out[(a - r0) * trow:(b - r0) * trow], p in self.sole)
                 continue
             if loc is not None:  # read whole source rows, then gather the piece's columns
                 src_shape = _dims(loc.shape)
@@ -261,7 +306,7 @@ class _Prefetch:
                             continue
                         need = (r1 - r0) * trow
                         if buf is None or buf.nbytes < need:
-                            buf = np.empty(max(need, min(self.chunk, t.nbytes)), np.uint8)
+                            buf = np.empty(max(need, min(self.chunk + (self.chunk >> 2), t.nbytes)), np.uint8)
                     if self.stop.is_set():
                         return
                     out = buf[:(r1 - r0) * trow]
