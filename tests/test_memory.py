@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -55,11 +56,20 @@ def big_tensor_hf(tmp_path_factory):
     if not CONFIG.is_file():
         pytest.skip(f"{CONFIG} not found")
     from mm_convert.synthetic import write_synthetic_checkpoint
-    return write_synthetic_checkpoint(CONFIG, tmp_path_factory.mktemp("mem") / "hf", layers=1, vit_layers=1)
+    root = tmp_path_factory.mktemp("mem")
+    yield write_synthetic_checkpoint(CONFIG, root / "hf", layers=1, vit_layers=1)
+    shutil.rmtree(root, ignore_errors=True)  # ~1 GB; pytest keeps its last runs' temp dirs
+
+
+@pytest.fixture
+def work(tmp_path):
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)  # ~3 GB of outputs
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_peak_rss_bounded_below_largest_tensor(big_tensor_hf, tmp_path, workers):
+def test_peak_rss_bounded_below_largest_tensor(big_tensor_hf, work, workers):
+    tmp_path = work
     env = {**os.environ, "MM_CONVERT_CHUNK_BYTES": str(4 << 20), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(big_tensor_hf), str(tmp_path), str(workers)],
                        capture_output=True, text=True, env=env, timeout=600)
