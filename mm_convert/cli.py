@@ -311,7 +311,7 @@ def _make_group(name: str, cls) -> click.Group:
         def go():
             from train.check_logits import check_logits as run_check
             return run_check(mm_dir, hf_dir, tp_size=tp_size, llm_pp_layers=llm_pp_layers, vit_pp_layers=vit_pp_layers,
-                             tolerance=tolerance)
+                             tolerance=tolerance, vit_tp_size=vit_tp_size, log=lambda s: None if quiet else click.echo(s))
         diff = _run(ctx, go)
         click.echo(f"max abs logit difference: {diff:.3e} (tolerance {tolerance:.1e})")
 

@@ -101,3 +101,18 @@ def test_existing_output_refused_unless_overwrite(tiny_hf, tmp_path):
     p = cli(*args, "--overwrite")
     assert p.returncode == 0, p.stderr
     assert not (tmp_path / "mm" / "stale.pt").exists()
+
+
+def test_check_logits_cli(tiny_hf, conv, tmp_path):
+    hf = tiny_hf()
+    conv.hf_to_mm(hf, tmp_path / "mm", tp_size=2, llm_pp_layers=[4], vit_pp_layers=[4])
+    p = cli("Qwen2_5_VLConverter", "check_logits", "--cfg.mm_dir", tmp_path / "mm", "--cfg.hf_config.hf_dir", hf,
+            "--cfg.parallel_config.tp_size", "2")
+    assert p.returncode == 0, p.stderr
+    assert "max abs logit difference" in p.stdout
+    # another model's weights under the same shapes: far above tolerance, a non-zero exit naming the difference
+    from mm_convert.testing import make_tiny_hf_checkpoint
+    other = make_tiny_hf_checkpoint(tmp_path / "other", seed=1)
+    p = cli("Qwen2_5_VLConverter", "check_logits", "--cfg.mm_dir", tmp_path / "mm", "--cfg.hf_config.hf_dir", other)
+    assert p.returncode != 0
+    assert "mm-convert: error:" in p.stderr and "tolerance" in p.stderr
