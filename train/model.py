@@ -16,6 +16,8 @@ from mm_convert.layout import ParallelLayout
 
 from .config import ModelConfig, TextConfig, VisionConfig
 from .parallel import ColumnLinear, Group, ParallelState, RowLinear, VocabEmbedding, vocab_logits
+from torch.utils.checkpoint import checkpoint
+
 from .positions import full_seqlens, rotate_half, text_rotary, vision_rotary, window_order
 
 
@@ -37,7 +39,7 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden: int, inter_local: int, bias: bool, group: Group):
         super().__init__()
-        self.linear_fc1 = ColumnLinear(hidden, 2 * inter_local, bias)
+        self.linear_fc1 = ColumnLinear(hidden, 2 * inter_local, bias, group)
         self.linear_fc2 = RowLinear(inter_local, hidden, bias, group)
 
     def forward(self, x):
@@ -67,7 +69,7 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.heads = vc.num_heads // group.size
         self.head_dim = vc.head_dim
-        self.linear_qkv = ColumnLinear(vc.hidden_size, 3 * self.heads * self.head_dim, bias=True)
+        self.linear_qkv = ColumnLinear(vc.hidden_size, 3 * self.heads * self.head_dim, bias=True, group=group)
         self.linear_proj = RowLinear(self.heads * self.head_dim, vc.hidden_size, bias=True, group=group)
 
     def forward(self, x, cos, sin, cu_seqlens):
@@ -106,7 +108,7 @@ class Projector(nn.Module):
         self.merged = merged
         self.layernorm = RMSNorm(vc.hidden_size, 1e-6)
         self.encoder = nn.Module()
-        self.encoder.linear_fc1 = ColumnLinear(merged, merged // group.size, bias=True)
+        self.encoder.linear_fc1 = ColumnLinear(merged, merged // group.size, bias=True, group=group)
         self.encoder.linear_fc2 = RowLinear(merged // group.size, vc.out_hidden_size, bias=True, group=group)
 
     def forward(self, x):
@@ -142,11 +144,26 @@ class ImageEncoder(nn.Module):
             x = to_windows(self.encoder.patch_embed(pixel_values))
         rot = vision_rotary(grid_thw, vc.spatial_merge_size, vc.head_dim, vc.rope_theta)
         cos, sin = (to_windows(t.to(x.device)) for t in rot)
-        for i, layer in zip(self.layer_ids, self.encoder.blocks.layers):
-            x = layer(x, cos, sin, cu_full if i in vc.fullatt_block_indexes else cu_window)
+        for n, (i, layer) in enumerate(zip(self.layer_ids, self.encoder.blocks.layers)):
+            x = self.block(n, layer, x, cos, sin, cu_full if i in vc.fullatt_block_indexes else cu_window)
         if hasattr(self, "projector"):
             return {"image_embeds": self.projector(x)[torch.argsort(order)]}
         return {"vision_hidden": x}
+
+    recompute: str | None = None     # training: "full" or "selective" (set by train.engine)
+    recompute_layers: int | None = None  # "full": only the first N blocks of this position (None: all)
+
+    def block(self, n, layer, x, cos, sin, cu):
+        """One block with activation recomputation: ``full`` keeps only the block's input, ``selective`` drops
+        only the attention's activations; the backward recomputes what was dropped."""
+        mode = self.recompute if torch.is_grad_enabled() else None
+        if mode == "full" and (self.recompute_layers is None or n < self.recompute_layers):
+            return checkpoint(layer, x, cos, sin, cu, use_reentrant=False)
+        if mode == "selective":
+            attn = lambda h: layer.self_attention(layer.input_layernorm(h), cos, sin, cu)  # noqa: E731
+            x = x + checkpoint(attn, x, use_reentrant=False)
+            return x + layer.mlp(layer.pre_mlp_layernorm(x))
+        return layer(x, cos, sin, cu)
 
 
 # ---- text decoder --------------------------------------------------------------------------------------------
@@ -159,7 +176,7 @@ class TextAttention(nn.Module):
         self.groups = tc.num_kv_heads // group.size
         self.rep = tc.num_heads // tc.num_kv_heads
         self.head_dim = tc.head_dim
-        self.linear_qkv = ColumnLinear(tc.hidden_size, self.groups * (self.rep + 2) * self.head_dim, bias=True)
+        self.linear_qkv = ColumnLinear(tc.hidden_size, self.groups * (self.rep + 2) * self.head_dim, bias=True, group=group)
         self.linear_proj = RowLinear(self.groups * self.rep * self.head_dim, tc.hidden_size, bias=False, group=group)
 
     def forward(self, x, cos, sin, cache: dict | None, key):

@@ -40,16 +40,70 @@ class Group:
     size: int
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the group; the backward is the identity (each rank's input got the whole sum)."""
         if self.size > 1:
+            if torch.is_grad_enabled() and x.requires_grad:
+                return _ReduceFwd.apply(x, self)
             dist.all_reduce(x, group=self.group)
+        return x
+
+    def copy_in(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity forward; the backward sums the input gradient over the group (Megatron's "f"): a
+        replicated input feeding split weights gets a partial gradient from each rank."""
+        if self.size > 1 and torch.is_grad_enabled() and x.requires_grad:
+            return _ReduceBwd.apply(x, self)
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _GatherLast.apply(x, self)
+        return _gather_last(x, self)
+
+
+def _gather_last(x: torch.Tensor, g: "Group") -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(g.size)]
+    dist.all_gather(parts, x.contiguous(), group=g.group)
+    return torch.cat(parts, dim=-1)
+
+
+class _ReduceFwd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, g):
+        x = x.clone()
+        dist.all_reduce(x, group=g.group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ReduceBwd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, g):
+        ctx.g = g
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.g.group)
+        return grad, None
+
+
+class _GatherLast(torch.autograd.Function):
+    """All-gather along the last dim; the backward keeps this rank's slice of the (identical) gradient."""
+    @staticmethod
+    def forward(ctx, x, g):
+        ctx.g, ctx.n = g, x.shape[-1]
+        return _gather_last(x, g)
+
+    @staticmethod
+    def backward(ctx, grad):
+        r = ctx.g.rank
+        return grad[..., r * ctx.n:(r + 1) * ctx.n].contiguous(), None
 
 
 @dataclass
@@ -61,6 +115,16 @@ class ParallelState:
     device: torch.device
     tp: Group   # the LLM's TP group (all tp ranks of this stage)
     vit: Group  # the vision encoder's TP group (smaller when vit_tp_size < tp_size)
+    dp: Group | None = None  # data-parallel replicas of this rank's shard (training)
+    vit_ratio: int = 1       # tp_size // vit_tp_size: ranks holding the same vision slice
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp.size if self.dp else 1
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp.rank if self.dp else 0
 
     @property
     def tp_rank(self) -> int:
@@ -68,36 +132,47 @@ class ParallelState:
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // self.tp_size
+        return self.rank % (self.tp_size * self.pp_size) // self.tp_size
 
     def global_rank(self, tp_rank: int, pp_rank: int) -> int:
-        return pp_rank * self.tp_size + tp_rank
+        """Global rank of (tp_rank, pp_rank) in this rank's data-parallel replica."""
+        return self.dp_rank * self.tp_size * self.pp_size + pp_rank * self.tp_size + tp_rank
 
 
-def init_parallel(tp_size: int, pp_size: int, vit_tp_size: int = 0) -> ParallelState:
-    """Join the process group and build the TP groups. Every rank creates every group (torch requires it)."""
+def init_parallel(tp_size: int, pp_size: int, vit_tp_size: int = 0, dp_size: int = 1) -> ParallelState:
+    """Join the process group and build the TP (and DP) groups. Every rank creates every group (torch requires
+    it). rank = dp_rank * tp * pp + pp_rank * tp + tp_rank: each data-parallel replica is a contiguous block."""
     backend, device = pick_backend()
     if not dist.is_initialized():
         dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if world != tp_size * pp_size:
-        raise RuntimeError(f"world size {world} != tp_size {tp_size} x pp_size {pp_size}")
+    mp = tp_size * pp_size
+    if world != mp * dp_size:
+        raise RuntimeError(f"world size {world} != tp_size {tp_size} x pp_size {pp_size} x dp_size {dp_size}")
     vit_tp = vit_tp_size or tp_size
     ratio = tp_size // vit_tp
-    pp_rank, tp_rank = divmod(rank, tp_size)
+    dp_rank, local = divmod(rank, mp)
+    pp_rank, tp_rank = divmod(local, tp_size)
     tp = vit = None
-    for p in range(pp_size):
-        ranks = [p * tp_size + t for t in range(tp_size)]
-        g = dist.new_group(ranks) if tp_size > 1 else None
-        if p == pp_rank:
-            tp = Group(g, tp_rank, tp_size)
-        # vision weights are replicated over ``ratio`` neighbours: reduce among ranks holding distinct slices
-        for o in range(ratio):
-            vranks = [p * tp_size + o + k * ratio for k in range(vit_tp)]
-            vg = (g if ratio == 1 else dist.new_group(vranks)) if vit_tp > 1 else None
-            if p == pp_rank and tp_rank % ratio == o:
-                vit = Group(vg, tp_rank // ratio, vit_tp)
-    return ParallelState(rank, world, tp_size, pp_size, device, tp, vit)
+    for d in range(dp_size):
+        for p in range(pp_size):
+            base = d * mp + p * tp_size
+            g = dist.new_group([base + t for t in range(tp_size)]) if tp_size > 1 else None
+            if (d, p) == (dp_rank, pp_rank):
+                tp = Group(g, tp_rank, tp_size)
+            # vision weights are replicated over ``ratio`` neighbours: reduce among ranks holding distinct slices
+            for o in range(ratio):
+                vranks = [base + o + k * ratio for k in range(vit_tp)]
+                vg = (g if ratio == 1 else dist.new_group(vranks)) if vit_tp > 1 else None
+                if (d, p) == (dp_rank, pp_rank) and tp_rank % ratio == o:
+                    vit = Group(vg, tp_rank // ratio, vit_tp)
+    dp = None
+    if dp_size > 1:
+        for l in range(mp):
+            g = dist.new_group([d * mp + l for d in range(dp_size)])
+            if l == local:
+                dp = Group(g, dp_rank, dp_size)
+    return ParallelState(rank, world, tp_size, pp_size, device, tp, vit, dp, ratio)
 
 
 # ---- activations between pipeline stages --------------------------------------------------------------------
@@ -105,12 +180,13 @@ def init_parallel(tp_size: int, pp_size: int, vit_tp_size: int = 0) -> ParallelS
 # step), so a pickled header (names, dtypes, shapes) goes first, then the tensors themselves.
 
 def send_tensors(tensors: dict[str, torch.Tensor], dst: int, device: torch.device) -> None:
-    header = pickle.dumps([(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items()])
+    header = pickle.dumps([(k, str(v.dtype).removeprefix("torch."), tuple(v.shape), v.requires_grad)
+                           for k, v in tensors.items()])
     buf = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device)
     dist.send(torch.tensor([buf.numel()], dtype=torch.long, device=device), dst)
     dist.send(buf, dst)
     for v in tensors.values():
-        dist.send(v.contiguous(), dst)
+        dist.send(v.detach().contiguous(), dst)
 
 
 def recv_tensors(src: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -119,9 +195,10 @@ def recv_tensors(src: int, device: torch.device) -> dict[str, torch.Tensor]:
     buf = torch.empty(int(n.item()), dtype=torch.uint8, device=device)
     dist.recv(buf, src)
     out = {}
-    for name, dtype, shape in pickle.loads(buf.cpu().numpy().tobytes()):
+    for name, dtype, shape, grad in pickle.loads(buf.cpu().numpy().tobytes()):
         out[name] = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
         dist.recv(out[name], src)
+        out[name].requires_grad_(grad and torch.is_grad_enabled())  # training: a leaf whose grad goes back
     return out
 
 
@@ -130,13 +207,14 @@ def recv_tensors(src: int, device: torch.device) -> dict[str, torch.Tensor]:
 class ColumnLinear(nn.Module):
     """Output features split over TP ranks; input replicated, output stays split (no communication)."""
 
-    def __init__(self, in_features: int, out_local: int, bias: bool):
+    def __init__(self, in_features: int, out_local: int, bias: bool, group: Group | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_local, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_local), requires_grad=False) if bias else None
+        self.group = group
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(self.group.copy_in(x) if self.group else x, self.weight, self.bias)
 
 
 class RowLinear(nn.Module):
@@ -175,4 +253,4 @@ class VocabEmbedding(nn.Module):
 def vocab_logits(h: torch.Tensor, weight: torch.Tensor, group: Group) -> torch.Tensor:
     """Logits from a vocab slice of the output (or tied embedding) weight, gathered over TP so that every
     rank of the last stage holds all of them."""
-    return group.all_gather_last(F.linear(h, weight))
+    return group.all_gather_last(F.linear(group.copy_in(h), weight))

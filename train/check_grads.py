@@ -1,0 +1,81 @@
+"""check_grads: one training step of the tp x pp engine against transformers on the same micro-batch.
+
+The parent computes transformers' loss and parameter gradients, starts the ranks (``python -m
+train.check_grads JOB.json``), which run forward + backward and write their gradients as an MM checkpoint
+(same shard keys as the weights). ``mm_to_hf`` then gathers and renames them exactly as it does weights, so
+every gradient is compared under its HF name.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mm_convert.formats.mm import write_tracker
+from mm_convert.layout import ParallelLayout
+
+from .batch import collate, label_tokens, to_device
+from .config import ModelConfig
+from .launch import launch_local, worker_main
+
+
+def hf_loss_and_grads(hf_dir, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).train()
+    ids = batch["input_ids"]
+    kw = {"input_ids": ids, "labels": batch["labels"], "attention_mask": (batch["attention_mask"]),
+          "mm_token_type_ids": (ids == model.config.image_token_id).int()}
+    if "pixel_values" in batch:
+        kw.update(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    loss = model(**kw).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def engine_loss_and_grads(mm_dir, hf_dir, cfg: ModelConfig, layout: ParallelLayout, batch: dict,
+                          timeout: float = 600) -> tuple[float, dict[str, torch.Tensor]]:
+    """Run the ranks; return their loss and their gradients under transformers' parameter names."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from mm_convert import Qwen2_5_VLConverter
+
+    with tempfile.TemporaryDirectory(prefix="mm_grads_") as tmp:
+        torch.save({k: v for k, v in batch.items() if k != "attention_mask"}, Path(tmp, "batch.pt"))
+        job = {"mm_dir": str(mm_dir), "config": cfg.to_dict(), "layout": layout.to_dict(), "batch": f"{tmp}/batch.pt",
+               "out": f"{tmp}/grads"}
+        Path(tmp, "job.json").write_text(json.dumps(job))
+        launch_local("train.check_grads", [f"{tmp}/job.json"], layout.tp_size * layout.pp_size, timeout=timeout)
+        write_tracker(Path(job["out"]), "release")
+        Qwen2_5_VLConverter(progress=False).mm_to_hf(job["out"], f"{tmp}/hf", hf_dir=hf_dir)
+        grads = Qwen2_5_VLForConditionalGeneration.from_pretrained(f"{tmp}/hf", dtype=torch.float32)
+        loss = torch.load(f"{tmp}/loss.pt", weights_only=True)
+        return float(loss), {n: p.detach().clone() for n, p in grads.named_parameters()}
+
+
+def _worker(job_path: str) -> None:
+    from .checkpoint import shard_path  # noqa: F401  (import check)
+    from .engine import TrainModel
+    from mm_convert.plan import shard_path as rel_shard
+
+    job = json.loads(Path(job_path).read_text())
+    layout = ParallelLayout.create(**job["layout"])
+    tm = TrainModel(ModelConfig.from_dict(job["config"]), layout, job["mm_dir"], train_vit=True)
+    batch = to_device(torch.load(job["batch"], weights_only=True), tm.ps.device)
+    loss = tm.forward_backward(batch, float(label_tokens(batch)))
+    tm.reduce_grads()
+    grads: dict = {}
+    for slot, n, p in tm.named_parameters():
+        grads.setdefault(slot, {})[n] = p.grad.detach().clone()
+    path = Path(job["out"]) / rel_shard(tm.ps.tp_rank, tm.ps.pp_rank, layout.pp_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**grads, "checkpoint_version": 3.0}, path)
+    if loss is not None and tm.ps.tp_rank == 0:
+        torch.save(loss / label_tokens(batch), Path(job["out"]).parent / "loss.pt")
+
+
+if __name__ == "__main__":
+    worker_main(_worker, sys.argv[1])

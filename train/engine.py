@@ -1,0 +1,173 @@
+"""Training engine: this rank's pipeline positions as trainable modules, one micro-batch forward + backward
+through TP and PP, gradient reduction over DP (and the tied embedding copies), global grad norm.
+
+Schedule: each micro-batch runs forward through every position, then backward in reverse (no overlap of
+micro-batches). Stages exchange tensors of whatever shape the micro-batch has, with a header, so variable
+sequence lengths need no global padding. The loss is the sum of token cross-entropies divided by the number of
+label tokens of the whole global batch (``denom``), so accumulated micro-batches and DP ranks add up to one
+token-mean, like transformers' loss over the same samples.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mm_convert.layout import ParallelLayout
+from mm_convert.plan import slot_name
+
+from .checkpoint import load_strict, read_shard, shard_path
+from .config import ModelConfig
+from .data import IGNORE
+from .model import ImageEncoder, StageModel, check_divisible
+from .parallel import ColumnLinear, Group, ParallelState, RowLinear, VocabEmbedding, init_parallel
+from .parallel import recv_tensors, send_tensors
+
+
+class TrainModel:
+    def __init__(self, cfg: ModelConfig, layout: ParallelLayout, mm_dir, *, dp_size: int = 1,
+                 train_vit: bool = False, recompute: str | None = None,
+                 recompute_layers: int | None = None, ps: ParallelState | None = None):
+        check_divisible(cfg, layout)
+        self.cfg, self.layout = cfg, layout
+        self.ps = ps or init_parallel(layout.tp_size, layout.pp_size, layout.vit_tp_size, dp_size)
+        self.last = layout.last_position("llm")
+        self.emb_group = self._embedding_group()
+        path = shard_path(mm_dir, self.ps.tp_rank, self.ps.pp_rank, layout.pp_size)
+        self.stages: dict[int, StageModel] = {}
+        for v, state in enumerate(read_shard(path, layout.vpp_size)):
+            pos = layout.position(v, self.ps.pp_rank)
+            with torch.device("meta"):
+                stage = StageModel(cfg, layout, pos, self.ps)
+            load_strict(stage, {k: t.clone().float() for k, t in state.items()}, f"{path} [{slot_name(v, layout.vpp_size)}]")
+            stage.to(self.ps.device).train()
+            for name, p in stage.named_parameters():
+                p.requires_grad_(train_vit or not name.startswith("image_encoder."))
+            for m in stage.modules():
+                if isinstance(m, ImageEncoder):
+                    m.recompute, m.recompute_layers = recompute, recompute_layers
+            self.stages[pos] = stage
+        self.replicas = {id(p): self._replicas(n, p, s) for s in self.stages.values() for n, p in s.named_parameters()}
+        dist.barrier()
+
+    # ---- parameters ------------------------------------------------------------------------------------------
+    def named_parameters(self):
+        """(slot, name, param) in a fixed order: the optimizer's parameter order, the save's keys."""
+        for v in range(self.layout.vpp_size):
+            pos = self.layout.position(v, self.ps.pp_rank)
+            for n, p in self.stages[pos].named_parameters():
+                yield slot_name(v, self.layout.vpp_size), n, p
+
+    def parameters(self):
+        return [p for _, _, p in self.named_parameters() if p.requires_grad]
+
+    def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        out: dict = {}
+        for slot, n, p in self.named_parameters():
+            out.setdefault(slot, {})[n] = p.detach().clone()
+        return out
+
+    def _replicas(self, name: str, p, stage) -> float:
+        """How many ranks of this data-parallel replica hold the same tensor (0: a copy counted elsewhere), so the
+        global grad norm counts each distinct parameter once."""
+        owner = stage.get_submodule(name.rsplit(".", 1)[0])
+        split = (isinstance(owner, (ColumnLinear, VocabEmbedding)) or type(owner).__name__ == "OutputLayer"
+                 or (isinstance(owner, RowLinear) and name.endswith("weight")))
+        if name.startswith("text_decoder.output_layer") and self.emb_group is not None:
+            return 0  # the tied embedding's copy on the last stage
+        if name.startswith("image_encoder."):
+            return self.ps.vit_ratio if split else self.ps.tp_size
+        return 1 if split else self.ps.tp_size
+
+    def _embedding_group(self) -> Group | None:
+        """Tied embeddings with the output layer on another stage: first and last LLM stage each hold a copy
+        whose gradients must be summed (Megatron's embedding group)."""
+        lo, ps = self.layout, self.ps
+        first, last = lo.first_position("llm") % lo.pp_size, self.last % lo.pp_size
+        if not self.cfg.text.tie_word_embeddings or first == last:
+            return None
+        mine = None
+        for d in range(ps.dp_size):
+            for t in range(ps.tp_size):
+                base = d * ps.tp_size * ps.pp_size
+                ranks = [base + first * ps.tp_size + t, base + last * ps.tp_size + t]
+                g = dist.new_group(ranks)
+                if ps.rank in ranks:
+                    mine = Group(g, ranks.index(ps.rank), 2)
+        return mine
+
+    # ---- one micro-batch -------------------------------------------------------------------------------------
+    def owner(self, pos: int) -> int:
+        return pos % self.layout.pp_size
+
+    def forward_backward(self, batch: dict, denom: float, autocast_dtype=None) -> torch.Tensor | None:
+        """Forward and backward of one micro-batch; gradients accumulate in .grad. Returns the summed token
+        loss (detached, before division) on the last LLM stage, None elsewhere."""
+        me, ps = self.ps.pp_rank, self.ps
+        mine = [p for p in range(self.last + 1) if self.owner(p) == me]
+        saved, loss_sum = {}, None
+        payload: dict = {}
+        dev = ps.device.type
+        for pos in mine:  # forward
+            if pos > 0 and self.owner(pos - 1) != me:
+                payload = recv_tensors(ps.global_rank(ps.tp_rank, self.owner(pos - 1)), ps.device)
+            inputs = dict(payload)
+            with torch.autocast(dev, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                payload = self.stages[pos](dict(payload), batch, None)
+            if pos < self.last and self.owner(pos + 1) != me:
+                send_tensors(payload, ps.global_rank(ps.tp_rank, self.owner(pos + 1)), ps.device)
+            saved[pos] = (inputs, payload)
+        for pos in reversed(mine):  # backward
+            inputs, outputs = saved[pos]
+            if pos == self.last:
+                logits = outputs["logits"].float()[:, :-1]
+                labels = batch["labels"][:, 1:].to(logits.device)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                       ignore_index=IGNORE, reduction="sum")
+                loss_sum = loss.detach()
+                (loss / denom).backward()
+            elif self.owner(pos + 1) != me:
+                grads = recv_tensors(ps.global_rank(ps.tp_rank, self.owner(pos + 1)), ps.device)
+                outs = [outputs[k] for k in grads]
+                if outs:
+                    torch.autograd.backward(outs, [grads[k] for k in grads])
+            if pos > 0 and self.owner(pos - 1) != me:
+                back = {k: (t.grad if t.grad is not None else torch.zeros_like(t))
+                        for k, t in inputs.items() if t.requires_grad}
+                send_tensors(back, ps.global_rank(ps.tp_rank, self.owner(pos - 1)), ps.device)
+        return loss_sum
+
+    # ---- after the micro-batches -----------------------------------------------------------------------------
+    def reduce_grads(self) -> None:
+        """Sum gradients over DP replicas and over the two copies of a tied embedding."""
+        params = self.parameters()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.ps.dp is not None:
+            for p in params:
+                dist.all_reduce(p.grad, group=self.ps.dp.group)
+        if self.emb_group is not None:
+            for _, n, p in self.named_parameters():
+                if n in ("text_decoder.embedding.word_embeddings.weight", "text_decoder.output_layer.weight"):
+                    dist.all_reduce(p.grad, group=self.emb_group.group)
+
+    def grad_norm(self) -> float:
+        sq = torch.zeros((), dtype=torch.float64, device=self.ps.device)
+        for p in self.parameters():
+            r = self.replicas[id(p)]
+            if r:
+                sq += p.grad.double().pow(2).sum() / r
+        dist.all_reduce(sq)  # every rank of every replica; replicas hold the same reduced gradients
+        return float(sq.item() / self.ps.dp_size) ** 0.5
+
+    def clip_grads(self, max_norm: float) -> float:
+        norm = self.grad_norm()
+        if max_norm > 0 and norm > max_norm:
+            coef = max_norm / (norm + 1e-6)
+            for p in self.parameters():
+                p.grad.mul_(coef)
+        return norm
+
