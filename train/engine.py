@@ -37,7 +37,9 @@ class TrainModel:
         self.emb_group = self._embedding_group()
         path = shard_path(mm_dir, self.ps.tp_rank, self.ps.pp_rank, layout.pp_size)
         self.stages: dict[int, StageModel] = {}
-        for v, state in enumerate(read_shard(path, layout.vpp_size)):
+        states = read_shard(path, layout.vpp_size)
+        self.save_dtype = next(t.dtype for t in states[0].values() if t.is_floating_point())  # saves keep it
+        for v, state in enumerate(states):
             pos = layout.position(v, self.ps.pp_rank)
             with torch.device("meta"):
                 stage = StageModel(cfg, layout, pos, self.ps)

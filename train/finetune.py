@@ -1,0 +1,228 @@
+"""Fine-tune Qwen2.5-VL on MM shards: ``torchrun --nproc-per-node N -m train.finetune --data-config data.json
+--load ckpt/mm_path/... --save out ...`` (or ``python -m train.finetune --nproc N ...`` to start the ranks here).
+
+World = DP x TP x PP; TP and PP (and VPP) are read off the ``--load`` checkpoint, DP is what is left. Each
+iteration runs ``global_batch / (micro_batch * DP)`` micro-batches per DP rank (gradient accumulation), sums
+gradients over DP, clips the global norm, and steps AdamW with linear warmup + cosine (or constant/linear)
+decay. The loss is the token mean over the global batch. Saves go to ``--save`` every ``--save-interval``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .batch import collate, label_tokens, to_device
+from .config import ModelConfig
+from .data import encode, load_data_config, load_samples
+from .inputs import load_processors
+from .sampler import BucketBatchSampler, RandomBatchSampler
+
+
+def parse_args(argv=None):
+    a = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = a.add_argument
+    add("--data-config", required=True, help="MindSpeed-MM data.json")
+    add("--mm-model", help="MindSpeed-MM model.json (vision freeze / recomputation settings)")
+    add("--load", required=True, help="MM checkpoint: converted (release) or a training save (latest iteration)")
+    add("--save")
+    add("--save-interval", type=int, default=0)
+    add("--no-save-optim", action="store_true")
+    add("--no-save-rng", action="store_true")
+    add("--no-load-optim", action="store_true")
+    add("--no-load-rng", action="store_true")
+    add("--micro-batch-size", type=int, default=1)
+    add("--global-batch-size", type=int, default=1)
+    add("--train-iters", type=int, required=True)
+    add("--lr", type=float, default=1e-5)
+    add("--min-lr", type=float, default=0.0)
+    add("--lr-warmup-iters", type=int, default=0)
+    add("--lr-warmup-fraction", type=float)
+    add("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
+    add("--lr-decay-iters", type=int)
+    add("--weight-decay", type=float, default=0.0)
+    add("--adam-beta1", type=float, default=0.9)
+    add("--adam-beta2", type=float, default=0.999)
+    add("--adam-eps", type=float, default=1e-8)
+    add("--clip-grad", type=float, default=1.0)
+    add("--bf16", action="store_true", help="bf16 autocast (master weights and optimizer stay fp32)")
+    add("--seed", type=int, default=1234)
+    add("--train-vit", action="store_true", help="also train the vision encoder (frozen by default)")
+    add("--recompute-granularity", choices=["full", "selective"], help="vision encoder recomputation")
+    add("--recompute-num-layers", type=int, help="full: recompute this many blocks per stage (default all)")
+    add("--log-interval", type=int, default=1)
+    add("--log-tps", action="store_true", help="also log tokens per second")
+    add("--log-json", help="rank 0 appends one JSON record per iteration here")
+    add("--nproc", type=int, help="start this many local ranks (instead of torchrun)")
+    return a.parse_args(argv)
+
+
+def apply_model_json(args) -> None:
+    """The seeds' model.json: image_encoder.vision_encoder.{freeze, recompute_granularity, recompute_num_layers}."""
+    if not args.mm_model:
+        return
+    vit = json.loads(Path(args.mm_model).read_text()).get("image_encoder", {}).get("vision_encoder", {})
+    if "freeze" in vit and not args.train_vit:
+        args.train_vit = not vit["freeze"]
+    args.recompute_granularity = args.recompute_granularity or vit.get("recompute_granularity")
+    if args.recompute_num_layers is None and vit.get("recompute_method") == "uniform":
+        args.recompute_num_layers = vit.get("recompute_num_layers")
+
+
+def learning_rate(args, it: int) -> float:
+    """Linear warmup over the first iterations, then decay to min_lr by lr_decay_iters (Megatron's shape)."""
+    warm = args.lr_warmup_iters
+    if args.lr_warmup_fraction is not None:
+        warm = int(args.lr_warmup_fraction * args.train_iters)
+    if warm and it < warm:
+        return args.lr * (it + 1) / warm
+    if args.lr_decay_style == "constant":
+        return args.lr
+    total = (args.lr_decay_iters or args.train_iters) - warm
+    frac = min(1.0, (it - warm) / max(1, total))
+    coef = 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_decay_style == "cosine" else 1 - frac
+    return args.min_lr + (args.lr - args.min_lr) * coef
+
+
+class Data:
+    """Encoded samples (kept in memory) and the sampler's steps; the position is (epoch, step in epoch)."""
+
+    def __init__(self, args, cfg: ModelConfig, dp_size: int, dp_rank: int):
+        dc = load_data_config(args.data_config)
+        self.tok, self.improc = load_processors(dc.model_name_or_path)
+        self.cfg = cfg
+        self.samples = [encode(s, self.tok, self.improc, dc.dataset_dir) for s in load_samples(dc)]
+        lengths = [len(s["input_ids"]) for s in self.samples]
+        cls = BucketBatchSampler if dc.sampler_type == "BucketBatchSampler" else RandomBatchSampler
+        self.sampler = cls(lengths, args.micro_batch_size, dp_size, dp_rank, seed=args.seed)
+        self.dp_rank = dp_rank
+        self.epoch, self.pos = 0, 0
+        self._steps = None
+
+    def next_step(self) -> list[list[int]]:
+        """One sampler step (a micro-batch for every DP rank); a new epoch when this one is used up."""
+        if self._steps is None:
+            self.sampler.set_epoch(self.epoch)
+            self._steps = self.sampler.steps()
+            if not self._steps:
+                raise ValueError("the dataset has fewer samples than micro_batch_size x DP")
+        if self.pos >= len(self._steps):
+            self.epoch, self.pos, self._steps = self.epoch + 1, 0, None
+            return self.next_step()
+        self.pos += 1
+        return self._steps[self.pos - 1]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.pos}
+
+    def restore(self, s: dict) -> None:
+        self.epoch, self.pos, self._steps = s["epoch"], s["step_in_epoch"], None
+
+    def batch(self, idx: list[int]) -> dict:
+        return collate([self.samples[i] for i in idx], self.cfg, self.tok.pad_token_id or 0)
+
+
+def train(args) -> None:
+    from mm_convert.formats.mm import MMReader
+    from mm_convert.layout import ParallelLayout
+
+    from . import saving
+    from .engine import TrainModel
+
+    apply_model_json(args)
+    torch.manual_seed(args.seed)
+    dc = load_data_config(args.data_config)
+    cfg = ModelConfig.from_hf(dc.model_name_or_path)
+    layout = MMReader(args.load, "--load").infer_layout(cfg.vision.hidden_size)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    mp = layout.tp_size * layout.pp_size
+    if world % mp:
+        raise ValueError(f"world size {world} is not a multiple of tp {layout.tp_size} x pp {layout.pp_size}")
+    dp = world // mp
+    per_step = args.micro_batch_size * dp
+    if args.global_batch_size % per_step:
+        raise ValueError(f"global batch {args.global_batch_size} is not a multiple of micro batch x DP = {per_step}")
+    n_micro = args.global_batch_size // per_step
+    tm = TrainModel(cfg, layout, args.load, dp_size=dp, train_vit=args.train_vit,
+                    recompute=args.recompute_granularity, recompute_layers=args.recompute_num_layers)
+    ps = tm.ps
+    decay = [p for _, n, p in tm.named_parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for _, n, p in tm.named_parameters() if p.requires_grad and p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+    data = Data(args, cfg, dp, ps.dp_rank)
+    state = saving.load(args.load, tm, opt, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng)
+    it = state["iteration"]
+    consumed = (state["scheduler"] or {}).get("consumed_samples", 0)
+    if state["data_state"]:
+        data.restore(state["data_state"])
+    autocast = torch.bfloat16 if args.bf16 else None
+    log = None
+    if ps.rank == 0 and args.log_json:
+        log = open(args.log_json, "a")
+    plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
+    while it < args.train_iters:
+        t0 = time.perf_counter()
+        lr = learning_rate(args, it)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        steps = [data.next_step() for _ in range(n_micro)]
+        batches = [[data.batch(mb) for mb in step] for step in steps]  # [micro][dp rank]
+        denom = float(sum(label_tokens(b) for micro in batches for b in micro))  # the global batch's targets
+        tokens = sum(int(b["labels"].numel()) for micro in batches for b in micro)
+        opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=ps.device)
+        for micro in batches:
+            out = tm.forward_backward(to_device(micro[ps.dp_rank], ps.device), denom, autocast)
+            if out is not None and ps.tp_rank == 0:
+                loss_sum += out.double()
+        tm.reduce_grads()
+        norm = tm.clip_grads(args.clip_grad)
+        opt.step()
+        dist.all_reduce(loss_sum)  # only TP 0 of each replica's last stage contributed
+        it += 1
+        consumed += args.global_batch_size
+        ms = (time.perf_counter() - t0) * 1000
+        if ps.rank == 0 and (it % args.log_interval == 0 or it == args.train_iters):
+            loss = loss_sum.item() / max(denom, 1)
+            line = (f" iteration {it:8d}/{args.train_iters:8d} | consumed samples: {consumed:12d} | elapsed time per "
+                    f"iteration (ms): {ms:.1f} | learning rate: {lr:.6E} | global batch size: {args.global_batch_size:5d}"
+                    f" | loss: {loss:.6E} | grad norm: {norm:.3f} |")
+            if args.log_tps:
+                line += f" tokens/s: {tokens / (ms / 1000):.1f} |"
+            print(line, flush=True)
+            if log:
+                log.write(json.dumps({"iteration": it, "loss": loss, "grad_norm": norm, "lr": lr, "ms": ms,
+                                      "tokens_per_s": tokens / (ms / 1000), "consumed_samples": consumed}) + "\n")
+                log.flush()
+        if args.save and (it == args.train_iters or (args.save_interval and it % args.save_interval == 0)):
+            sched = {"iteration": it, "consumed_samples": consumed, "lr": lr}
+            saving.save(args.save, it, tm, opt, sched, data.state(), plain,
+                        save_optim=not args.no_save_optim, save_rng=not args.no_save_rng)
+            if ps.rank == 0:
+                print(f"saved checkpoint at iteration {it} to {args.save}", flush=True)
+    if log:
+        log.close()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.nproc and "RANK" not in os.environ:
+        from .launch import launch_local
+        argv = list(sys.argv[1:] if argv is None else argv)
+        launch_local("train.finetune", argv, args.nproc, timeout=None, show_rank0=True)
+        return
+    from .launch import worker_main
+    worker_main(train, args)
+
+
+if __name__ == "__main__":
+    main()

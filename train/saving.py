@@ -1,0 +1,99 @@
+"""Training saves in the MM layout: ``<save>/iter_NNNNNNN/mp_rank_TT[_PPP]/model_optim_rng.pt`` plus
+``latest_checkpointed_iteration.txt``, so ``mm_to_hf`` / ``resplit`` read them like converted weights.
+
+One file per TP x PP rank (written by data-parallel rank 0; the replicas are identical):
+  {"model" (or "model0", ...): weights under the converter's keys, in the checkpoint's dtype,
+   "checkpoint_version": 3.0, "iteration": N,
+   "optimizer": {"adamw": AdamW state_dict, "master": fp32 weights when the saved dtype is lower},
+   "opt_param_scheduler": {...}, "rng_state": [one dict per DP rank], "data_state": {...}, "args": {...}}
+Everything is tensors, dicts, lists, numbers and strings: ``torch.load(weights_only=True)`` reads it.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mm_convert.formats.mm import TRACKER, iteration_dir_name, load_torch_file, resolve_iteration_dir
+from mm_convert.plan import shard_path as rel_shard
+
+
+def rng_state() -> dict:
+    ver, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {"random": [ver, list(state), gauss], "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
+                                                          *[float(x) for x in np_state[2:]]],
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(s: dict) -> None:
+    ver, state, gauss = s["random"]
+    random.setstate((ver, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy(), int(pos), int(has_gauss), cached))
+    torch.set_rng_state(s["torch"])
+
+
+def save(save_dir, iteration: int, tm, optimizer, scheduler: dict, data_state: dict, args: dict, *,
+         save_optim: bool = True, save_rng: bool = True) -> Path:
+    ps = tm.ps
+    root = Path(save_dir)
+    it_dir = root / iteration_dir_name(iteration)
+    rngs = [None] * ps.dp_size
+    if save_rng:  # every DP rank's RNG goes into the file its replica 0 writes
+        if ps.dp is not None:
+            dist.all_gather_object(rngs, rng_state(), group=ps.dp.group)
+        else:
+            rngs = [rng_state()]
+    if ps.dp_rank == 0:
+        obj: dict = {}
+        master: dict = {}
+        for slot, n, p in tm.named_parameters():
+            obj.setdefault(slot, {})[n] = p.detach().to(tm.save_dtype).clone()
+            if tm.save_dtype != torch.float32:
+                master.setdefault(slot, {})[n] = p.detach().clone()
+        obj.update({"checkpoint_version": 3.0, "iteration": iteration, "args": args})
+        if save_optim:
+            obj["optimizer"] = {"adamw": optimizer.state_dict(), "master": master}
+            obj["opt_param_scheduler"] = scheduler
+            obj["data_state"] = data_state
+        if save_rng:
+            obj["rng_state"] = rngs
+        path = it_dir / rel_shard(ps.tp_rank, ps.pp_rank, tm.layout.pp_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, path)  # a reader never sees half a file
+    dist.barrier()
+    if ps.rank == 0:  # the tracker moves only once every shard of the iteration is complete
+        tmp = root / (TRACKER + ".tmp")
+        tmp.write_text(f"{iteration}\n")
+        os.replace(tmp, root / TRACKER)
+    dist.barrier()
+    return it_dir
+
+
+def load(load_dir, tm, optimizer, *, load_optim: bool = True, load_rng: bool = True) -> dict:
+    """Weights are already in ``tm`` (it reads the same file). Restores the optimizer (and the fp32 master
+    weights), RNG and returns {"iteration", "scheduler", "data_state"}; a ``release`` checkpoint starts at 0."""
+    ps = tm.ps
+    it_dir = resolve_iteration_dir(load_dir, "--load")
+    if it_dir.name == "release":
+        return {"iteration": 0, "scheduler": None, "data_state": None}
+    obj = load_torch_file(it_dir / rel_shard(ps.tp_rank, ps.pp_rank, tm.layout.pp_size))
+    out = {"iteration": int(obj["iteration"]), "scheduler": None, "data_state": None}
+    if load_optim and "optimizer" in obj:
+        with torch.no_grad():
+            for slot, n, p in tm.named_parameters():
+                m = obj["optimizer"]["master"].get(slot, {}).get(n)
+                if m is not None:
+                    p.copy_(m)
+        optimizer.load_state_dict(obj["optimizer"]["adamw"])
+        out["scheduler"], out["data_state"] = obj.get("opt_param_scheduler"), obj.get("data_state")
+    if load_rng and obj.get("rng_state") and len(obj["rng_state"]) == ps.dp_size:
+        set_rng_state(obj["rng_state"][ps.dp_rank])
+    return out
