@@ -23,19 +23,19 @@ from mm_convert.plan import shard_path as rel_shard
 
 
 def rng_state() -> dict:
+    """Python, numpy and torch RNG states as plain lists and numbers (they travel by all_gather_object)."""
     ver, state, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {"random": [ver, list(state), gauss], "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
-                                                          *[float(x) for x in np_state[2:]]],
-            "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"random": [ver, list(state), gauss], "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state().tolist()}
 
 
 def set_rng_state(s: dict) -> None:
     ver, state, gauss = s["random"]
     random.setstate((ver, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((name, keys.numpy(), int(pos), int(has_gauss), cached))
-    torch.set_rng_state(s["torch"])
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
 
 
 def save(save_dir, iteration: int, tm, optimizer, scheduler: dict, data_state: dict, args: dict, *,
