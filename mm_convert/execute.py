@@ -37,7 +37,8 @@ from .plan import HF, OutputFile, Ref, TargetTensor
 
 CHUNK_BYTES = int(os.environ.get("MM_CONVERT_CHUNK_BYTES", 1 << 20))
 POOL_BLOCKS = int(os.environ.get("MM_CONVERT_POOL_BLOCKS", 8))  # being written, queued, being filled
-READ_AHEAD = 32 << 20  # asked of the kernel ahead of the reads (page cache, not this process's memory)
+READ_AHEAD = int(os.environ.get("MM_CONVERT_READ_AHEAD", 32 << 20))  # bytes asked of the kernel ahead of the
+# reads (page cache, not this process's memory); 0: leave read-ahead to the kernel
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -178,7 +179,7 @@ class _Blocks:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         mv = memoryview(out).cast("B")
         ranges = self.ahead.setdefault(fd, [])  # a few interleaved streams per file (q, k, v rows...)
-        if hasattr(os, "posix_fadvise") and not any(lo <= offset and offset + len(mv) + READ_AHEAD // 2 <= hi
+        if READ_AHEAD and hasattr(os, "posix_fadvise") and not any(lo <= offset and offset + len(mv) + READ_AHEAD // 2 <= hi
                                                     for lo, hi in ranges):
             # start the disk reads of what comes next now, so they overlap the checksums and writes
             os.posix_fadvise(fd, offset, len(mv) + READ_AHEAD, os.POSIX_FADV_WILLNEED)
