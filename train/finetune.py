@@ -29,7 +29,9 @@ from .sampler import BucketBatchSampler, RandomBatchSampler
 def parse_args(argv=None):
     a = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = a.add_argument
-    add("--data-config", required=True, help="MindSpeed-MM data.json")
+    add("--data-config", "--mm-data", dest="data_config", required=True, help="MindSpeed-MM data.json")
+    add("--tensor-model-parallel-size", type=int, help="checked against the --load checkpoint's TP")
+    add("--pipeline-model-parallel-size", type=int, help="checked against the --load checkpoint's PP")
     add("--mm-model", help="MindSpeed-MM model.json (vision freeze / recomputation settings)")
     add("--load", required=True, help="MM checkpoint: converted (release) or a training save (latest iteration)")
     add("--save")
@@ -141,6 +143,10 @@ def train(args) -> None:
     dc = load_data_config(args.data_config)
     cfg = ModelConfig.from_hf(dc.model_name_or_path)
     layout = MMReader(args.load, "--load").infer_layout(cfg.vision.hidden_size)
+    for flag, want, have in (("--tensor-model-parallel-size", args.tensor_model_parallel_size, layout.tp_size),
+                             ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size, layout.pp_size)):
+        if want is not None and want != have:
+            raise ValueError(f"{flag} {want}, but {args.load} is laid out with {have}; resplit it first")
     world = int(os.environ.get("WORLD_SIZE", 1))
     mp = layout.tp_size * layout.pp_size
     if world % mp:
@@ -191,18 +197,18 @@ def train(args) -> None:
         it += 1
         consumed += args.global_batch_size
         ms = (time.perf_counter() - t0) * 1000
+        loss = loss_sum.item() / max(denom, 1)
+        if log:  # every iteration
+            log.write(json.dumps({"iteration": it, "loss": loss, "grad_norm": norm, "lr": lr, "ms": ms,
+                                  "tokens_per_s": tokens / (ms / 1000), "consumed_samples": consumed}) + "\n")
+            log.flush()
         if ps.rank == 0 and (it % args.log_interval == 0 or it == args.train_iters):
-            loss = loss_sum.item() / max(denom, 1)
             line = (f" iteration {it:8d}/{args.train_iters:8d} | consumed samples: {consumed:12d} | elapsed time per "
                     f"iteration (ms): {ms:.1f} | learning rate: {lr:.6E} | global batch size: {args.global_batch_size:5d}"
                     f" | loss: {loss:.6E} | grad norm: {norm:.3f} |")
             if args.log_tps:
                 line += f" tokens/s: {tokens / (ms / 1000):.1f} |"
             print(line, flush=True)
-            if log:
-                log.write(json.dumps({"iteration": it, "loss": loss, "grad_norm": norm, "lr": lr, "ms": ms,
-                                      "tokens_per_s": tokens / (ms / 1000), "consumed_samples": consumed}) + "\n")
-                log.flush()
         if args.save and (it == args.train_iters or (args.save_interval and it % args.save_interval == 0)):
             sched = {"iteration": it, "consumed_samples": consumed, "lr": lr}
             saving.save(args.save, it, tm, opt, sched, data.state(), plain,
