@@ -31,15 +31,18 @@ def make_batch(hf_dir, tmp_path):
     return cfg, batch
 
 
-@pytest.mark.parametrize("tp,pp,tied", [(1, 1, False), (2, 2, True)])
-def test_step_equals_transformers(tp, pp, tied, tiny_hf, conv, tmp_path):
+@pytest.mark.parametrize("tp,pp,tied,recompute", [(1, 1, False, None), (2, 2, True, "full"), (1, 2, False, "selective")])
+def test_step_equals_transformers(tp, pp, tied, recompute, tiny_hf, conv, tmp_path):
+    """(2,2) also has tied embeddings split over stages (their two copies' gradients are summed); the vision
+    encoder's recomputation must not change a gradient."""
     hf = tiny_hf("float32", tied=tied)
     cfg, batch = make_batch(hf, tmp_path)
     L, V = cfg.text.num_layers, cfg.vision.depth
     llm, vit = ([L], [V]) if pp == 1 else ([1, L - 1], [V, 0])
     conv.hf_to_mm(hf, tmp_path / "mm", tp_size=tp, llm_pp_layers=llm, vit_pp_layers=vit)
     ref_loss, ref = hf_loss_and_grads(hf, batch)
-    loss, got = engine_loss_and_grads(tmp_path / "mm", hf, cfg, ParallelLayout.create(tp, llm, vit), batch)
+    loss, got = engine_loss_and_grads(tmp_path / "mm", hf, cfg, ParallelLayout.create(tp, llm, vit), batch,
+                                      recompute=recompute)
     assert abs(loss - ref_loss) <= 1e-5, (loss, ref_loss)
     assert set(ref) == set(got)
     worst = max((got[n] - g).abs().max().item() for n, g in ref.items())

@@ -37,7 +37,7 @@ def hf_loss_and_grads(hf_dir, batch: dict) -> tuple[float, dict[str, torch.Tenso
 
 
 def engine_loss_and_grads(mm_dir, hf_dir, cfg: ModelConfig, layout: ParallelLayout, batch: dict,
-                          timeout: float = 600) -> tuple[float, dict[str, torch.Tensor]]:
+                          timeout: float = 600, recompute: str | None = None) -> tuple[float, dict[str, torch.Tensor]]:
     """Run the ranks; return their loss and their gradients under transformers' parameter names."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -46,7 +46,7 @@ def engine_loss_and_grads(mm_dir, hf_dir, cfg: ModelConfig, layout: ParallelLayo
     with tempfile.TemporaryDirectory(prefix="mm_grads_") as tmp:
         torch.save({k: v for k, v in batch.items() if k != "attention_mask"}, Path(tmp, "batch.pt"))
         job = {"mm_dir": str(mm_dir), "config": cfg.to_dict(), "layout": layout.to_dict(), "batch": f"{tmp}/batch.pt",
-               "out": f"{tmp}/grads"}
+               "out": f"{tmp}/grads", "recompute": recompute}
         Path(tmp, "job.json").write_text(json.dumps(job))
         launch_local("train.check_grads", [f"{tmp}/job.json"], layout.tp_size * layout.pp_size, timeout=timeout)
         write_tracker(Path(job["out"]), "release")
@@ -57,13 +57,13 @@ def engine_loss_and_grads(mm_dir, hf_dir, cfg: ModelConfig, layout: ParallelLayo
 
 
 def _worker(job_path: str) -> None:
-    from .checkpoint import shard_path  # noqa: F401  (import check)
     from .engine import TrainModel
     from mm_convert.plan import shard_path as rel_shard
 
     job = json.loads(Path(job_path).read_text())
     layout = ParallelLayout.create(**job["layout"])
-    tm = TrainModel(ModelConfig.from_dict(job["config"]), layout, job["mm_dir"], train_vit=True)
+    tm = TrainModel(ModelConfig.from_dict(job["config"]), layout, job["mm_dir"], train_vit=True,
+                    recompute=job.get("recompute"))
     batch = to_device(torch.load(job["batch"], weights_only=True), tm.ps.device)
     loss = tm.forward_backward(batch, float(label_tokens(batch)))
     tm.reduce_grads()
