@@ -31,14 +31,17 @@ def make_batch(hf_dir, tmp_path):
     return cfg, batch
 
 
-@pytest.mark.parametrize("tp,pp,tied,recompute", [(1, 1, False, None), (2, 2, True, "full"), (1, 2, False, "selective")])
-def test_step_equals_transformers(tp, pp, tied, recompute, tiny_hf, conv, tmp_path):
+@pytest.mark.parametrize("tp,llm,vit,tied,recompute", [
+    (1, [4], [4], False, None),
+    (2, [1, 3], [4, 0], True, "full"),
+    (1, [0, 4], [3, 1], False, "selective"),
+    (2, [[1, 1], [1, 1]], [[4, 0], [0, 0]], True, None)])  # virtual pipeline: 2 chunks per stage
+def test_step_equals_transformers(tp, llm, vit, tied, recompute, tiny_hf, conv, tmp_path):
     """(2,2) also has tied embeddings split over stages (their two copies' gradients are summed); the vision
-    encoder's recomputation must not change a gradient."""
+    encoder's recomputation must not change a gradient; (1,2) splits the vision encoder over stages too."""
     hf = tiny_hf("float32", tied=tied)
     cfg, batch = make_batch(hf, tmp_path)
-    L, V = cfg.text.num_layers, cfg.vision.depth
-    llm, vit = ([L], [V]) if pp == 1 else ([1, L - 1], [V, 0])
+    assert (cfg.text.num_layers, cfg.vision.depth) == (4, 4)
     conv.hf_to_mm(hf, tmp_path / "mm", tp_size=tp, llm_pp_layers=llm, vit_pp_layers=vit)
     ref_loss, ref = hf_loss_and_grads(hf, batch)
     loss, got = engine_loss_and_grads(tmp_path / "mm", hf, cfg, ParallelLayout.create(tp, llm, vit), batch,
