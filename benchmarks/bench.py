@@ -14,8 +14,8 @@ Each command runs as a subprocess (the CLI, with its default --workers = cores).
 start-up and planning. ``cp -r`` is timed together with a ``sync`` because the converter fsyncs every file it
 writes (both numbers are recorded). The page cache is made comparable without root: before each timed command,
 the files it reads are written back and evicted with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (drop_caches needs
-root), so every command reads its input from disk. Peak RSS is sampled every 20 ms over the whole process tree
-(the CLI and its worker processes): the sum of VmRSS (forked workers share the parent's pages, which this counts
+root), so every command reads its input from disk. Peak RSS is sampled every 100 ms over the whole process tree
+(the CLI and its worker processes; cp is timed under the same sampler): the sum of VmRSS (forked workers share the parent's pages, which this counts
 once per process, so it overstates) and the largest single VmHWM. Page cache is not part of RSS.
 """
 from __future__ import annotations
@@ -35,6 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CONFIGS = REPO.parent / "shared" / "configs" / "qwen2_5_vl"
+
+
+POLL_S = 0.1  # RSS sampling period; the per-process VmHWM is exact whatever the period
 
 
 # ---- measuring ----------------------------------------------------------------------------------------------
@@ -78,17 +81,18 @@ def run_measured(cmd: list[str], env=None) -> dict:
             peak["tree_rss"] = max(peak["tree_rss"], sum(s.get("VmRSS", 0) for s in stats))
             peak["tree_anon"] = max(peak["tree_anon"], sum(s.get("RssAnon", 0) for s in stats))
             peak["max_hwm"] = max([peak["max_hwm"]] + [s.get("VmHWM", 0) for s in stats])
-            stop.wait(0.02)
+            stop.wait(POLL_S)
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
     out, _ = proc.communicate()
     wall = time.monotonic() - t0
+    end_epoch = time.time()
     stop.set()
     th.join()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out.decode(errors='replace')[-3000:]}")
-    return {"wall_s": wall, **peak, "load_after": os.getloadavg()[0],
+    return {"wall_s": wall, **peak, "load_after": os.getloadavg()[0], "end_epoch": end_epoch,
             "output": out.decode(errors="replace").strip().splitlines()[-3:]}
 
 
@@ -112,13 +116,11 @@ def du(root: Path) -> int:
 def time_cp(src: Path, dst: Path) -> dict:
     evict(src)
     load = os.getloadavg()[0]
-    t0 = time.monotonic()
-    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
-    t1 = time.monotonic()
-    subprocess.run(["sync"], check=True)
-    t2 = time.monotonic()
+    r = run_measured(["sh", "-c", 'cp -r "$0" "$1" && t=$(date +%s.%N) && sync && echo "$t"', str(src), str(dst)])
+    cp_end = float(r["output"][-1])  # when cp itself ended (epoch), before the sync
     shutil.rmtree(dst)
-    return {"wall_s": t2 - t0, "cp_only_s": t1 - t0, "bytes": du(src), "load_before": load}
+    return {"wall_s": r["wall_s"], "cp_only_s": r["wall_s"] - (r["end_epoch"] - cp_end), "bytes": du(src),
+            "load_before": load}
 
 
 # ---- one shape ----------------------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def main(argv=None) -> None:
           f"Python {m['python']}; work dir file system: `{m['filesystem']}`\n\n"
           "ratio = command wall time / (`cp -r` of the command's input + `sync`; the faster of two cp runs), each "
           "with its input evicted from the page cache first; peak RSS tree = largest sum of VmRSS over the CLI and its workers, sampled every "
-          "20 ms (shared pages of forked workers counted once per process); load avg = 1-minute load average "
+          "100 ms (shared pages of forked workers counted once per process); load avg = 1-minute load average "
           "after the command (the machine is shared: other jobs' load shows there; 2 cores).\n\n"
           "hf_to_mm: tp2, llm [[L/2, L/2]], vit [[V, 0]] (4 files); resplit: to tp1 with the same stages (2 files); "
           "resplit to one file: tp1, llm [[L]], vit [[V]] (one writer process); mm_to_hf: 5 GB safetensors files.\n\n"
