@@ -183,7 +183,7 @@ def train(args) -> None:
         steps = [data.next_step() for _ in range(n_micro)]
         batches = [[data.batch(mb) for mb in step] for step in steps]  # [micro][dp rank]
         denom = float(sum(label_tokens(b) for micro in batches for b in micro))  # the global batch's targets
-        tokens = sum(int(b["labels"].numel()) for micro in batches for b in micro)
+        real = sum(len(data.samples[i]["input_ids"]) for step in steps for mb in step for i in mb)  # no padding
         opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=ps.device)
         for micro in batches:
@@ -200,14 +200,14 @@ def train(args) -> None:
         loss = loss_sum.item() / max(denom, 1)
         if log:  # every iteration
             log.write(json.dumps({"iteration": it, "loss": loss, "grad_norm": norm, "lr": lr, "ms": ms,
-                                  "tokens_per_s": tokens / (ms / 1000), "consumed_samples": consumed}) + "\n")
+                                  "tokens_per_s": real / (ms / 1000), "consumed_samples": consumed}) + "\n")
             log.flush()
         if ps.rank == 0 and (it % args.log_interval == 0 or it == args.train_iters):
-            line = (f" iteration {it:8d}/{args.train_iters:8d} | consumed samples: {consumed:12d} | elapsed time per "
+            line = (f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {it:8d}/{args.train_iters:8d} | consumed samples: {consumed:12d} | elapsed time per "
                     f"iteration (ms): {ms:.1f} | learning rate: {lr:.6E} | global batch size: {args.global_batch_size:5d}"
                     f" | loss: {loss:.6E} | grad norm: {norm:.3f} |")
             if args.log_tps:
-                line += f" tokens/s: {tokens / (ms / 1000):.1f} |"
+                line += f" tokens per sample: {real / args.global_batch_size:.1f} | tokens/s: {real / (ms / 1000):.1f} |"
             print(line, flush=True)
         if args.save and (it == args.train_iters or (args.save_interval and it % args.save_interval == 0)):
             sched = {"iteration": it, "consumed_samples": consumed, "lr": lr}

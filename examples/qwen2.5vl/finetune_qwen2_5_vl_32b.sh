@@ -36,3 +36,6 @@ torchrun --nproc_per_node $NPUS_PER_NODE --nnodes $NNODES --node_rank $NODE_RANK
     --log-interval 1 --log-tps \
     2>&1 | tee $logfile
 # back to HF: mm-convert Qwen2_5_VLConverter mm_to_hf --cfg.mm_dir $SAVE_PATH --cfg.save_hf_dir ckpt/hf_path/Qwen2.5-VL-32B-finetuned --cfg.hf_config.hf_dir ckpt/hf_path/Qwen2.5-VL-32B-Instruct
+STEP_TIME=`grep "elapsed time per iteration" $logfile | awk -F ':' '{print$5}' | awk -F '|' '{print$1}' | tail -n +2 | awk '{sum+=$1} END {if (NR != 0) printf("%.1f",sum/NR)}'`
+echo "Elapsed Time Per iteration: $STEP_TIME"
+echo "Average Samples per Second: `awk 'BEGIN{printf "%.3f\n", '${GBS}'*1000/'${STEP_TIME}'}'`"
