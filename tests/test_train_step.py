@@ -47,6 +47,9 @@ def test_step_equals_transformers(tp, llm, vit, tied, recompute, tiny_hf, conv, 
     loss, got = engine_loss_and_grads(tmp_path / "mm", hf, cfg, ParallelLayout.create(tp, llm, vit), batch,
                                       recompute=recompute)
     assert abs(loss - ref_loss) <= 1e-5, (loss, ref_loss)
+    norm = got.pop("<grad_norm>").item()  # each distinct parameter counted once over TP, PP and tied copies
+    ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref.values())).item()
+    assert abs(norm - ref_norm) <= 1e-5 * ref_norm, (norm, ref_norm)
     assert set(ref) == set(got)
     worst = max((got[n] - g).abs().max().item() for n, g in ref.items())
     assert worst <= 1e-5, {n: (got[n] - g).abs().max().item() for n, g in ref.items() if (got[n] - g).abs().max() > 1e-5}

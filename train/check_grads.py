@@ -38,7 +38,8 @@ def hf_loss_and_grads(hf_dir, batch: dict) -> tuple[float, dict[str, torch.Tenso
 
 def engine_loss_and_grads(mm_dir, hf_dir, cfg: ModelConfig, layout: ParallelLayout, batch: dict,
                           timeout: float = 600, recompute: str | None = None) -> tuple[float, dict[str, torch.Tensor]]:
-    """Run the ranks; return their loss and their gradients under transformers' parameter names."""
+    """Run the ranks; return their loss and their gradients under transformers' parameter names (plus the
+    engine's global grad norm under ``<grad_norm>``)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from mm_convert import Qwen2_5_VLConverter
@@ -52,8 +53,10 @@ def engine_loss_and_grads(mm_dir, hf_dir, cfg: ModelConfig, layout: ParallelLayo
         write_tracker(Path(job["out"]), "release")
         Qwen2_5_VLConverter(progress=False).mm_to_hf(job["out"], f"{tmp}/hf", hf_dir=hf_dir)
         grads = Qwen2_5_VLForConditionalGeneration.from_pretrained(f"{tmp}/hf", dtype=torch.float32)
-        loss = torch.load(f"{tmp}/loss.pt", weights_only=True)
-        return float(loss), {n: p.detach().clone() for n, p in grads.named_parameters()}
+        out = torch.load(f"{tmp}/loss.pt", weights_only=True)
+        named = {n: p.detach().clone() for n, p in grads.named_parameters()}
+        named["<grad_norm>"] = torch.tensor(out["grad_norm"])  # the engine's global norm, for the caller
+        return out["loss"], named
 
 
 def _worker(job_path: str) -> None:
@@ -73,8 +76,9 @@ def _worker(job_path: str) -> None:
     path = Path(job["out"]) / rel_shard(tm.ps.tp_rank, tm.ps.pp_rank, layout.pp_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({**grads, "checkpoint_version": 3.0}, path)
+    norm = tm.grad_norm()  # every rank takes part
     if loss is not None and tm.ps.tp_rank == 0:
-        torch.save(loss / label_tokens(batch), Path(job["out"]).parent / "loss.pt")
+        torch.save({"loss": float(loss / label_tokens(batch)), "grad_norm": norm}, Path(job["out"]).parent / "loss.pt")
 
 
 if __name__ == "__main__":
