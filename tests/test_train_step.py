@@ -31,20 +31,21 @@ def make_batch(hf_dir, tmp_path):
     return cfg, batch
 
 
-@pytest.mark.parametrize("tp,llm,vit,tied,recompute", [
-    (1, [4], [4], False, None),
-    (2, [1, 3], [4, 0], True, "full"),
-    (1, [0, 4], [3, 1], False, "selective"),
-    (2, [[1, 1], [1, 1]], [[4, 0], [0, 0]], True, None)])  # virtual pipeline: 2 chunks per stage
-def test_step_equals_transformers(tp, llm, vit, tied, recompute, tiny_hf, conv, tmp_path):
+@pytest.mark.parametrize("tp,llm,vit,tied,recompute,vit_tp", [
+    (1, [4], [4], False, None, 0),
+    (2, [1, 3], [4, 0], True, "full", 0),
+    (1, [0, 4], [3, 1], False, "selective", 0),
+    (2, [[1, 1], [1, 1]], [[4, 0], [0, 0]], True, None, 0),  # virtual pipeline: 2 chunks per stage
+    (2, [4], [4], False, None, 1)])  # vision encoder replicated over the LLM's 2 TP ranks
+def test_step_equals_transformers(tp, llm, vit, tied, recompute, vit_tp, tiny_hf, conv, tmp_path):
     """(2,2) also has tied embeddings split over stages (their two copies' gradients are summed); the vision
     encoder's recomputation must not change a gradient; (1,2) splits the vision encoder over stages too."""
     hf = tiny_hf("float32", tied=tied)
     cfg, batch = make_batch(hf, tmp_path)
     assert (cfg.text.num_layers, cfg.vision.depth) == (4, 4)
-    conv.hf_to_mm(hf, tmp_path / "mm", tp_size=tp, llm_pp_layers=llm, vit_pp_layers=vit)
+    conv.hf_to_mm(hf, tmp_path / "mm", tp_size=tp, llm_pp_layers=llm, vit_pp_layers=vit, vit_tp_size=vit_tp)
     ref_loss, ref = hf_loss_and_grads(hf, batch)
-    loss, got = engine_loss_and_grads(tmp_path / "mm", hf, cfg, ParallelLayout.create(tp, llm, vit), batch,
+    loss, got = engine_loss_and_grads(tmp_path / "mm", hf, cfg, ParallelLayout.create(tp, llm, vit, vit_tp), batch,
                                       recompute=recompute)
     assert abs(loss - ref_loss) <= 1e-5, (loss, ref_loss)
     norm = got.pop("<grad_norm>").item()  # each distinct parameter counted once over TP, PP and tied copies
