@@ -102,3 +102,18 @@ def test_llava_conversion_skips_missing_images(tmp_path):
     out = json.loads((tmp_path / "out.json").read_text())
     assert [s["id"] for s in out] == ["a", "c"] and out[0]["image"] == "img/x.jpg"
     assert "gone.jpg" in p.stderr
+
+
+def test_token_length_matches_encode_without_decoding(tmp_path, processors):
+    """The samplers' lengths come from image headers; they must be the encoded lengths exactly."""
+    from PIL import Image
+    from train.data import token_length
+    tok, ip = processors
+    for i, (w, h) in enumerate([(28, 28), (84, 56), (224, 112), (300, 41)]):
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    for i in range(4):
+        s = parse_sample({"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                                 {"from": "gpt", "value": "word " * i}]}, "t")
+        assert token_length(s, tok, ip, tmp_path) == len(encode(s, tok, ip, tmp_path)["input_ids"])
+    s = parse_sample({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}, "t")
+    assert token_length(s, tok, ip, tmp_path) == len(encode(s, tok, ip, tmp_path)["input_ids"])

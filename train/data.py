@@ -105,6 +105,25 @@ def encode(sample: Sample, tokenizer, image_processor, image_root: str | Path = 
         px = image_processor(images=imgs, return_tensors="pt")
         pixel_values, grid = px["pixel_values"], px["image_grid_thw"]
         counts = [int(g.prod()) // image_processor.merge_size ** 2 for g in grid]
+    ids, labels = _token_ids(sample, tokenizer, counts)
+    out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+    if pixel_values is not None:
+        out.update(pixel_values=pixel_values, image_grid_thw=grid)
+    return out
+
+
+def token_length(sample: Sample, tokenizer, image_processor, image_root: str | Path = ".") -> int:
+    """len(encode(...)["input_ids"]) without decoding any image: sizes come from the file headers. The
+    samplers need every sample's length before training; encoding every image up front would not scale."""
+    from PIL import Image
+    counts = []
+    for p in sample.images:
+        with Image.open(Path(image_root) / p) as im:
+            counts.append(image_tokens(*im.size, image_processor))
+    return len(_token_ids(sample, tokenizer, counts)[0])
+
+
+def _token_ids(sample: Sample, tokenizer, counts: list[int]) -> tuple[list[int], list[int]]:
     ids: list[int] = []
     labels: list[int] = []
 
@@ -122,7 +141,4 @@ def encode(sample: Sample, tokenizer, image_processor, image_root: str | Path = 
         add(f"<|im_start|>{role}\n", False)
         add(text + "<|im_end|>", role == "assistant")
         add("\n", False)
-    out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
-    if pixel_values is not None:
-        out.update(pixel_values=pixel_values, image_grid_thw=grid)
-    return out
+    return ids, labels

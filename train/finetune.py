@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .batch import collate, label_tokens, to_device
 from .config import ModelConfig
-from .data import encode, load_data_config, load_samples
+from .data import encode, load_data_config, load_samples, token_length
 from .inputs import load_processors
 from .sampler import BucketBatchSampler, RandomBatchSampler
 
@@ -94,14 +94,17 @@ def learning_rate(args, it: int) -> float:
 
 
 class Data:
-    """Encoded samples (kept in memory) and the sampler's steps; the position is (epoch, step in epoch)."""
+    """Samples (their token lengths computed up front, for the sampler) and the sampler's steps; the position
+    is (epoch, step in epoch)."""
 
     def __init__(self, args, cfg: ModelConfig, dp_size: int, dp_rank: int):
         dc = load_data_config(args.data_config)
         self.tok, self.improc = load_processors(dc.model_name_or_path)
         self.cfg = cfg
-        self.samples = [encode(s, self.tok, self.improc, dc.dataset_dir) for s in load_samples(dc)]
-        lengths = [len(s["input_ids"]) for s in self.samples]
+        self.root = dc.dataset_dir
+        self.samples = load_samples(dc)
+        self.lengths = [token_length(s, self.tok, self.improc, self.root) for s in self.samples]
+        lengths = self.lengths
         cls = BucketBatchSampler if dc.sampler_type == "BucketBatchSampler" else RandomBatchSampler
         self.sampler = cls(lengths, args.micro_batch_size, dp_size, dp_rank, seed=args.seed)
         self.dp_rank = dp_rank
@@ -128,7 +131,9 @@ class Data:
         self.epoch, self.pos, self._steps = s["epoch"], s["step_in_epoch"], None
 
     def batch(self, idx: list[int]) -> dict:
-        return collate([self.samples[i] for i in idx], self.cfg, self.tok.pad_token_id or 0)
+        """Encoded on demand (images decoded only for the step that uses them)."""
+        enc = [encode(self.samples[i], self.tok, self.improc, self.root) for i in idx]
+        return collate(enc, self.cfg, self.tok.pad_token_id or 0)
 
 
 def train(args) -> None:
@@ -183,7 +188,7 @@ def train(args) -> None:
         steps = [data.next_step() for _ in range(n_micro)]
         batches = [[data.batch(mb) for mb in step] for step in steps]  # [micro][dp rank]
         denom = float(sum(label_tokens(b) for micro in batches for b in micro))  # the global batch's targets
-        real = sum(len(data.samples[i]["input_ids"]) for step in steps for mb in step for i in mb)  # no padding
+        real = sum(data.lengths[i] for step in steps for mb in step for i in mb)  # no padding
         opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=ps.device)
         for micro in batches:
