@@ -226,10 +226,10 @@ def train(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.nproc and "RANK" not in os.environ:
+    if "RANK" not in os.environ:  # not under torchrun: start the ranks here (one by default)
         from .launch import launch_local
         argv = list(sys.argv[1:] if argv is None else argv)
-        launch_local("train.finetune", argv, args.nproc, timeout=None, show_rank0=True)
+        launch_local("train.finetune", argv, args.nproc or 1, timeout=None, show_rank0=True)
         return
     from .launch import worker_main
     worker_main(train, args)

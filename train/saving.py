@@ -6,6 +6,8 @@ One file per TP x PP rank (written by data-parallel rank 0; the replicas are ide
    "checkpoint_version": 3.0, "iteration": N,
    "optimizer": {"adamw": AdamW state_dict, "master": fp32 weights when the saved dtype is lower},
    "opt_param_scheduler": {...}, "rng_state": [one dict per DP rank], "data_state": {...}, "args": {...}}
+``--no-save-optim`` / ``--no-save-rng`` leave out "optimizer" / "rng_state"; the iteration, scheduler and data
+position are always kept, so a run resumed without optimizer state still continues the data where it was.
 Everything is tensors, dicts, lists, numbers and strings: ``torch.load(weights_only=True)`` reads it.
 """
 from __future__ import annotations
@@ -56,11 +58,10 @@ def save(save_dir, iteration: int, tm, optimizer, scheduler: dict, data_state: d
             obj.setdefault(slot, {})[n] = p.detach().to(tm.save_dtype).clone()
             if tm.save_dtype != torch.float32:
                 master.setdefault(slot, {})[n] = p.detach().clone()
-        obj.update({"checkpoint_version": 3.0, "iteration": iteration, "args": args})
+        obj.update({"checkpoint_version": 3.0, "iteration": iteration, "args": args,
+                    "opt_param_scheduler": scheduler, "data_state": data_state})  # small: always kept
         if save_optim:
             obj["optimizer"] = {"adamw": optimizer.state_dict(), "master": master}
-            obj["opt_param_scheduler"] = scheduler
-            obj["data_state"] = data_state
         if save_rng:
             obj["rng_state"] = rngs
         path = it_dir / rel_shard(ps.tp_rank, ps.pp_rank, tm.layout.pp_size)
@@ -85,7 +86,8 @@ def load(load_dir, tm, optimizer, *, load_optim: bool = True, load_rng: bool = T
     if it_dir.name == "release":
         return {"iteration": 0, "scheduler": None, "data_state": None}
     obj = load_torch_file(it_dir / rel_shard(ps.tp_rank, ps.pp_rank, tm.layout.pp_size))
-    out = {"iteration": int(obj["iteration"]), "scheduler": None, "data_state": None}
+    out = {"iteration": int(obj["iteration"]), "scheduler": obj.get("opt_param_scheduler"),
+           "data_state": obj.get("data_state")}
     if load_optim and "optimizer" in obj:
         with torch.no_grad():
             for slot, n, p in tm.named_parameters():
@@ -93,7 +95,6 @@ def load(load_dir, tm, optimizer, *, load_optim: bool = True, load_rng: bool = T
                 if m is not None:
                     p.copy_(m)
         optimizer.load_state_dict(obj["optimizer"]["adamw"])
-        out["scheduler"], out["data_state"] = obj.get("opt_param_scheduler"), obj.get("data_state")
     if load_rng and obj.get("rng_state") and len(obj["rng_state"]) == ps.dp_size:
         set_rng_state(obj["rng_state"][ps.dp_rank])
     return out
