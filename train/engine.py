@@ -1,8 +1,9 @@
 """Training engine: this rank's pipeline positions as trainable modules, one micro-batch forward + backward
 through TP and PP, gradient reduction over DP (and the tied embedding copies), global grad norm.
 
-Schedule: each micro-batch runs forward through every position, then backward in reverse (no overlap of
-micro-batches). Stages exchange tensors of whatever shape the micro-batch has, with a header, so variable
+Schedule: ``forward_backward`` runs one micro-batch forward through every position, then backward in reverse;
+``forward`` then ``backward`` for all micro-batches is GPipe (micro-batches overlap across stages, activations
+of all of them are held). Stages exchange tensors of whatever shape the micro-batch has, with a header, so variable
 sequence lengths need no global padding. The loss is the sum of token cross-entropies divided by the number of
 label tokens of the whole global batch (``denom``), so accumulated micro-batches and DP ranks add up to one
 token-mean, like transformers' loss over the same samples.
@@ -107,29 +108,39 @@ class TrainModel:
     def forward_backward(self, batch: dict, denom: float, autocast_dtype=None) -> torch.Tensor | None:
         """Forward and backward of one micro-batch; gradients accumulate in .grad. Returns the summed token
         loss (detached, before division) on the last LLM stage, None elsewhere."""
+        return self.backward(self.forward(batch, denom, autocast_dtype))
+
+    def forward(self, batch: dict, denom: float, autocast_dtype=None) -> dict:
+        """Forward of one micro-batch through this rank's positions (receiving from / sending to the
+        neighbouring stages). Returns what its backward needs. Several forwards may run before their backwards
+        (GPipe: the next stage works on micro-batch m while this one computes m + 1), in the same order on
+        every rank, so the blocking sends and receives always pair up."""
         me, ps = self.ps.pp_rank, self.ps
-        mine = [p for p in range(self.last + 1) if self.owner(p) == me]
-        saved, loss_sum = {}, None
+        saved, loss = {}, None
         payload: dict = {}
-        dev = ps.device.type
-        for pos in mine:  # forward
+        for pos in (p for p in range(self.last + 1) if self.owner(p) == me):
             if pos > 0 and self.owner(pos - 1) != me:
                 payload = recv_tensors(ps.global_rank(ps.tp_rank, self.owner(pos - 1)), ps.device)
             inputs = dict(payload)
-            with torch.autocast(dev, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            with torch.autocast(ps.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 payload = self.stages[pos](dict(payload), batch, None)
             if pos < self.last and self.owner(pos + 1) != me:
                 send_tensors(payload, ps.global_rank(ps.tp_rank, self.owner(pos + 1)), ps.device)
-            saved[pos] = (inputs, payload)
-        for pos in reversed(mine):  # backward
-            inputs, outputs = saved[pos]
-            if pos == self.last:
-                logits = outputs["logits"].float()[:, :-1]
+            if pos == self.last:  # the loss right away: only its graph is kept, not a second copy of the logits
+                logits = payload.pop("logits").float()[:, :-1]
                 labels = batch["labels"][:, 1:].to(logits.device)
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                        ignore_index=IGNORE, reduction="sum")
-                loss_sum = loss.detach()
-                (loss / denom).backward()
+            saved[pos] = (inputs, payload)
+        return {"saved": saved, "loss": loss, "denom": denom}
+
+    def backward(self, ctx: dict) -> torch.Tensor | None:
+        """Backward of a micro-batch ``forward`` returned, positions in reverse."""
+        me, ps = self.ps.pp_rank, self.ps
+        for pos in sorted(ctx["saved"], reverse=True):
+            inputs, outputs = ctx["saved"][pos]
+            if pos == self.last:
+                (ctx["loss"] / ctx["denom"]).backward()
             elif self.owner(pos + 1) != me:
                 grads = recv_tensors(ps.global_rank(ps.tp_rank, self.owner(pos + 1)), ps.device)
                 outs = [outputs[k] for k in grads]
@@ -139,7 +150,8 @@ class TrainModel:
                 back = {k: (t.grad if t.grad is not None else torch.zeros_like(t))
                         for k, t in inputs.items() if t.requires_grad}
                 send_tensors(back, ps.global_rank(ps.tp_rank, self.owner(pos - 1)), ps.device)
-        return loss_sum
+        ctx["saved"].clear()
+        return ctx["loss"].detach() if ctx["loss"] is not None else None
 
     # ---- after the micro-batches -----------------------------------------------------------------------------
     def reduce_grads(self) -> None:

@@ -54,6 +54,9 @@ def parse_args(argv=None):
     add("--adam-beta2", type=float, default=0.999)
     add("--adam-eps", type=float, default=1e-8)
     add("--clip-grad", type=float, default=1.0)
+    add("--pipeline-schedule", choices=["sequential", "gpipe"], default="sequential",
+        help="sequential: one micro-batch in flight; gpipe: all forwards, then all backwards (stages overlap, "
+             "activations of every micro-batch are held)")
     add("--bf16", action="store_true", help="bf16 autocast (master weights and optimizer stay fp32)")
     add("--seed", type=int, default=1234)
     add("--train-vit", action="store_true", help="also train the vision encoder (frozen by default)")
@@ -191,8 +194,12 @@ def train(args) -> None:
         real = sum(data.lengths[i] for step in steps for mb in step for i in mb)  # no padding
         opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=ps.device)
-        for micro in batches:
-            out = tm.forward_backward(to_device(micro[ps.dp_rank], ps.device), denom, autocast)
+        if args.pipeline_schedule == "gpipe":
+            ctxs = [tm.forward(to_device(micro[ps.dp_rank], ps.device), denom, autocast) for micro in batches]
+            outs = [tm.backward(c) for c in ctxs]
+        else:
+            outs = [tm.forward_backward(to_device(micro[ps.dp_rank], ps.device), denom, autocast) for micro in batches]
+        for out in outs:
             if out is not None and ps.tp_rank == 0:
                 loss_sum += out.double()
         tm.reduce_grads()
