@@ -25,7 +25,8 @@ def test_example_training_configs(size):
     assert mm_pipeline_layers(model) == mm_pipeline_layers(infer)
     args = parse_args(["--mm-data", "d.json", "--load", "x", "--train-iters", "1", "--mm-model", str(EX / f"model_{size}.json")])
     apply_model_json(args)
-    assert (args.train_vit, args.recompute_granularity, args.recompute_num_layers) == (False, "full", 1)
+    assert (args.train_vit, args.freeze_projector, args.recompute_granularity, args.recompute_num_layers) == \
+        (False, False, "full", 1)
     dc = load_data_config(EX / f"data_{size}.json")
     assert dc.sampler_type == "BucketBatchSampler" and size.upper() in dc.model_name_or_path
     script = (EX / f"finetune_qwen2_5_vl_{size}.sh").read_text()

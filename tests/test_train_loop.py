@@ -88,7 +88,8 @@ def test_resume_is_bit_identical(setup, tmp_path):
 
 
 def test_trained_save_converts_back(setup, tmp_path):
-    """tp=2 x pp=2 with tied embeddings: the save has exactly the converter's keys per rank; mm_to_hf reads it,
+    """tp=2 x pp=2 with tied embeddings: the save has exactly the converter's keys per rank (the frozen vision
+    encoder unchanged, everything else trained); mm_to_hf reads it,
     transformers loads the result, and its logits equal the runtime's on the save; resplit reads it too."""
     from mm_convert import Qwen2_5_VLConverter
     from train.check_logits import check_logits
@@ -99,6 +100,8 @@ def test_trained_save_converts_back(setup, tmp_path):
         ref = torch.load(root / "mm22" / "release" / rel, weights_only=True)["model"]
         assert {k: v.shape for k, v in obj["model"].items()} == {k: v.shape for k, v in ref.items()}
         assert "rng_state" not in obj and "optimizer" in obj
+        for k, t in obj["model"].items():  # defaults: vision encoder frozen, projector and LLM trained
+            assert torch.equal(t, ref[k]) == k.startswith("image_encoder.encoder."), k
     conv = Qwen2_5_VLConverter(progress=False)
     conv.mm_to_hf(tmp_path / "s", tmp_path / "hf", hf_dir=hf)
     assert check_logits(tmp_path / "s", tmp_path / "hf", tolerance=1e-5, log=lambda *_: None) <= 1e-5

@@ -29,7 +29,7 @@ from .parallel import recv_tensors, send_tensors
 
 class TrainModel:
     def __init__(self, cfg: ModelConfig, layout: ParallelLayout, mm_dir, *, dp_size: int = 1,
-                 train_vit: bool = False, recompute: str | None = None,
+                 train_vit: bool = False, train_projector: bool = True, recompute: str | None = None,
                  recompute_layers: int | None = None, ps: ParallelState | None = None):
         check_divisible(cfg, layout)
         self.cfg, self.layout = cfg, layout
@@ -39,7 +39,8 @@ class TrainModel:
         path = shard_path(mm_dir, self.ps.tp_rank, self.ps.pp_rank, layout.pp_size)
         self.stages: dict[int, StageModel] = {}
         states = read_shard(path, layout.vpp_size)
-        self.save_dtype = next(t.dtype for t in states[0].values() if t.is_floating_point())  # saves keep it
+        self.save_dtype = next((t.dtype for st in states for t in st.values() if t.is_floating_point()),
+                               torch.float32)  # saves keep the checkpoint's dtype
         for v, state in enumerate(states):
             pos = layout.position(v, self.ps.pp_rank)
             with torch.device("meta"):
@@ -47,7 +48,10 @@ class TrainModel:
             load_strict(stage, {k: t.clone().float() for k, t in state.items()}, f"{path} [{slot_name(v, layout.vpp_size)}]")
             stage.to(self.ps.device).train()
             for name, p in stage.named_parameters():
-                p.requires_grad_(train_vit or not name.startswith("image_encoder."))
+                # MindSpeed-MM's defaults: vision encoder frozen, projector (image_encoder.projector) trained
+                frozen = (name.startswith("image_encoder.encoder.") and not train_vit) or \
+                         (name.startswith("image_encoder.projector.") and not train_projector)
+                p.requires_grad_(not frozen)
             for m in stage.modules():
                 if isinstance(m, ImageEncoder):
                     m.recompute, m.recompute_layers = recompute, recompute_layers

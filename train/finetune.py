@@ -60,6 +60,7 @@ def parse_args(argv=None):
     add("--bf16", action="store_true", help="bf16 autocast (master weights and optimizer stay fp32)")
     add("--seed", type=int, default=1234)
     add("--train-vit", action="store_true", help="also train the vision encoder (frozen by default)")
+    add("--freeze-projector", action="store_true", help="freeze the vision projector (trained by default)")
     add("--recompute-granularity", choices=["full", "selective"], help="vision encoder recomputation")
     add("--recompute-num-layers", type=int, help="full: recompute this many blocks per stage (default all)")
     add("--log-interval", type=int, default=1)
@@ -70,12 +71,15 @@ def parse_args(argv=None):
 
 
 def apply_model_json(args) -> None:
-    """The seeds' model.json: image_encoder.vision_encoder.{freeze, recompute_granularity, recompute_num_layers}."""
+    """The seeds' model.json: image_encoder.vision_encoder.{freeze, recompute_granularity, recompute_method,
+    recompute_num_layers} and image_encoder.vision_projector.freeze."""
     if not args.mm_model:
         return
-    vit = json.loads(Path(args.mm_model).read_text()).get("image_encoder", {}).get("vision_encoder", {})
+    enc = json.loads(Path(args.mm_model).read_text()).get("image_encoder", {})
+    vit, proj = enc.get("vision_encoder", {}), enc.get("vision_projector", {})
     if "freeze" in vit and not args.train_vit:
         args.train_vit = not vit["freeze"]
+    args.freeze_projector = args.freeze_projector or bool(proj.get("freeze", False))
     args.recompute_granularity = args.recompute_granularity or vit.get("recompute_granularity")
     if args.recompute_num_layers is None and vit.get("recompute_method") == "uniform":
         args.recompute_num_layers = vit.get("recompute_num_layers")
@@ -164,7 +168,7 @@ def train(args) -> None:
     if args.global_batch_size % per_step:
         raise ValueError(f"global batch {args.global_batch_size} is not a multiple of micro batch x DP = {per_step}")
     n_micro = args.global_batch_size // per_step
-    tm = TrainModel(cfg, layout, args.load, dp_size=dp, train_vit=args.train_vit,
+    tm = TrainModel(cfg, layout, args.load, dp_size=dp, train_vit=args.train_vit, train_projector=not args.freeze_projector,
                     recompute=args.recompute_granularity, recompute_layers=args.recompute_num_layers)
     ps = tm.ps
     decay = [p for _, n, p in tm.named_parameters() if p.requires_grad and p.ndim > 1]
