@@ -60,7 +60,7 @@ def main() -> None:
 
     from mm_convert import Qwen2_5_VLConverter
     from mm_convert.testing import make_tiny_hf_checkpoint
-    from train.data import encode, load_data_config, load_samples
+    from train.data import load_data_config, load_samples, token_length
     from train.finetune import main as finetune
     from train.inputs import load_processors
     from train.sampler import BucketBatchSampler, RandomBatchSampler
@@ -74,7 +74,7 @@ def main() -> None:
         for name, cls in (("BucketBatchSampler", BucketBatchSampler), ("random", RandomBatchSampler)):
             data = make_dataset(tmp / "data", args.samples, hf, name)
             dc = load_data_config(data)
-            lengths = [len(encode(s, tok, ip, dc.dataset_dir)["input_ids"]) for s in load_samples(dc)]
+            lengths = [token_length(s, tok, ip, dc.dataset_dir) for s in load_samples(dc)]
             steps = cls(lengths, args.mbs, args.dp, 0, seed=1234).steps()[:args.steps]
             n_steps = len(steps)
             real = sum(lengths[i] for st in steps for mb in st for i in mb)
