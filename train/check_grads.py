@@ -17,7 +17,7 @@ import torch
 from mm_convert.formats.mm import write_tracker
 from mm_convert.layout import ParallelLayout
 
-from .batch import collate, label_tokens, to_device
+from .batch import label_tokens, to_device
 from .config import ModelConfig
 from .launch import launch_local, worker_main
 

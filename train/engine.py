@@ -10,8 +10,6 @@ token-mean, like transformers' loss over the same samples.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F

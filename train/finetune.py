@@ -145,7 +145,6 @@ class Data:
 
 def train(args) -> None:
     from mm_convert.formats.mm import MMReader
-    from mm_convert.layout import ParallelLayout
 
     from . import saving
     from .engine import TrainModel
