@@ -93,4 +93,7 @@ def worker_main(fn, *args) -> None:
             Path(err_dir, f"rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps(info))
         raise
     if dist.is_initialized():
+        # every rank reaches the end before any tears down: gloo aborts a rank ("terminate called without an
+        # active exception") whose peer destroys the group while its last messages are still in flight
+        dist.barrier()
         dist.destroy_process_group()
