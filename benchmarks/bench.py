@@ -127,6 +127,9 @@ def time_cp(src: Path, dst: Path) -> dict:
 def bench_shape(shape: str, work: Path, workers: int | None, configs: Path = CONFIGS) -> dict:
     from mm_convert.synthetic import write_synthetic_checkpoint
     cfg_path = configs / f"{shape}.json"
+    if not cfg_path.is_file():  # no ../shared checkout: the same published configs ship with the package
+        from mm_convert.testing import published_config_path
+        cfg_path = published_config_path(shape)
     cfg = json.loads(cfg_path.read_text())
     layers, vit = cfg["num_hidden_layers"], cfg["vision_config"]["depth"]
     hf, mm, mm2, hf2 = (work / f"{shape}-{n}" for n in ("hf", "mm", "mm-resplit", "hf-back"))

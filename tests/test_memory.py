@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-CONFIG = Path(__file__).resolve().parents[2] / "shared" / "configs" / "qwen2_5_vl" / "3b.json"
+from mm_convert.testing import published_config_path
+
+CONFIG = published_config_path("3b")
 ALLOWANCE = 160 << 20  # peak RSS growth allowed; the largest tensor is 623 MB, the checkpoint ~1 GB
 
 SCRIPT = textwrap.dedent("""
@@ -53,8 +55,6 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def big_tensor_hf(tmp_path_factory):
-    if not CONFIG.is_file():
-        pytest.skip(f"{CONFIG} not found")
     from mm_convert.synthetic import write_synthetic_checkpoint
     root = tmp_path_factory.mktemp("mem")
     yield write_synthetic_checkpoint(CONFIG, root / "hf", layers=1, vit_layers=1)
