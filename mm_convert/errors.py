@@ -19,3 +19,15 @@ class CheckpointError(MMConvertError):
 
 class VerifyError(MMConvertError):
     """Two checkpoints that should hold the same tensors do not."""
+
+
+def load_json_object(path, error: type[MMConvertError]) -> dict:
+    """A JSON file holding an object, or ``error`` with a one-line message naming the file."""
+    import json
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})")
+    if not isinstance(doc, dict):
+        raise error(f"{path}: expected a JSON object")
+    return doc

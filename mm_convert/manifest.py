@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .errors import CheckpointError, MMConvertError
+from .errors import CheckpointError, MMConvertError, load_json_object
 
 MANIFEST = "mm_convert_manifest.json"
 JOURNAL = ".mm_convert-journal"
@@ -254,13 +254,7 @@ def read_manifest(root) -> dict | None:
     p = Path(root) / MANIFEST
     if not p.is_file():
         return None
-    try:
-        doc = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e})")
-    if not isinstance(doc, dict):
-        raise CheckpointError(f"{p}: expected a JSON object")
-    return doc
+    return load_json_object(p, CheckpointError)
 
 
 def check_sizes(root, manifest: dict | None, rels) -> None:

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 from safetensors import safe_open
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, load_json_object
 from .torch_stream import StreamedTensor
 from ..manifest import check_sizes, open_output, read_manifest
 
@@ -57,13 +57,7 @@ def load_config(hf_dir: str | os.PathLike, option: str = "--cfg.hf_config.hf_dir
         raise ConfigError(f"{option} {hf_dir}: not a directory; expected a Hugging Face checkpoint directory")
     if not path.is_file():
         raise ConfigError(f"{path}: missing; expected the model's config.json in {option}")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})")
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return cfg
+    return load_json_object(path, ConfigError)
 
 
 class HFReader:
