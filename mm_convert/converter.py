@@ -152,6 +152,24 @@ class Converter:
         check_coverage(files)
         return files
 
+    def _shard_layout(self, reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, option, prefix):
+        """The layout read off the shards, checked against the config; values the user gave must match it."""
+        found = reader.infer_layout(dims.vit_hidden)
+
+        def lists(given, have):
+            return given if given is not None else [list(c) for c in have]
+
+        if tp_size is not None or llm_pp_layers is not None or vit_pp_layers is not None:
+            given = self._layout(dims, tp_size if tp_size is not None else found.tp_size,
+                                 lists(llm_pp_layers, found.llm_pp_layers), lists(vit_pp_layers, found.vit_pp_layers),
+                                 vit_tp_size if vit_tp_size is not None else found.vit_tp_size, prefix)
+            if (given.tp_size, given.llm_pp_layers, given.vit_pp_layers, given.effective_vit_tp) != \
+                    (found.tp_size, found.llm_pp_layers, found.vit_pp_layers, found.effective_vit_tp):
+                raise LayoutError(f"{prefix}: {given.describe()} does not match the shards in {reader.iter_dir}, "
+                                  f"which hold {found.describe()}")
+        return self._layout(dims, found.tp_size, lists(None, found.llm_pp_layers), lists(None, found.vit_pp_layers),
+                            found.vit_tp_size, option)
+
     def _open_mm(self, mm_dir, hf_dir, option, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, prefix):
         """Reader, config, dims, layout and checked source plan of an MM checkpoint."""
         reader = mm_format.MMReader(mm_dir, option)
@@ -166,18 +184,8 @@ class Converter:
             raise ConfigError(f"{option} {mm_dir}: no {MANIFEST} with the model config; pass --cfg.hf_config.hf_dir "
                               f"(the original HF directory, for its config.json)")
         dims = self._dims(cfg, source)
-        found = reader.infer_layout(dims.vit_hidden)
-        if tp_size is not None or llm_pp_layers is not None or vit_pp_layers is not None:
-            given = self._layout(dims, tp_size if tp_size is not None else found.tp_size,
-                                 llm_pp_layers if llm_pp_layers is not None else [list(c) for c in found.llm_pp_layers],
-                                 vit_pp_layers if vit_pp_layers is not None else [list(c) for c in found.vit_pp_layers],
-                                 vit_tp_size if vit_tp_size is not None else found.vit_tp_size, prefix)
-            if (given.tp_size, given.llm_pp_layers, given.vit_pp_layers, given.effective_vit_tp) != \
-                    (found.tp_size, found.llm_pp_layers, found.vit_pp_layers, found.effective_vit_tp):
-                raise LayoutError(f"{prefix}: {given.describe()} does not match the shards in {reader.iter_dir}, "
-                                  f"which hold {found.describe()}")
-        layout = self._layout(dims, found.tp_size, [list(c) for c in found.llm_pp_layers],
-                              [list(c) for c in found.vit_pp_layers], found.vit_tp_size, f"{option} {mm_dir}")
+        layout = self._shard_layout(reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
+                                    f"{option} {mm_dir}", prefix)
         shapes = self.spec.hf_shapes(dims)
         plan = self._mm_plan(dims, layout, shapes, {n: None for n in shapes})
         check_shards_match(reader, plan)
@@ -282,14 +290,8 @@ class Converter:
     def _verify_tensors(self, report, hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size) -> VerifyReport:
         cfg, dims, hf_reader, shapes, dtypes = self._open_hf(hf_dir)
         reader = mm_format.MMReader(mm_dir)
-        layout = reader.infer_layout(dims.vit_hidden)
-        if tp_size is not None or llm_pp_layers is not None:
-            want = self._layout(dims, tp_size or layout.tp_size, llm_pp_layers or [list(c) for c in layout.llm_pp_layers],
-                                vit_pp_layers or [list(c) for c in layout.vit_pp_layers], vit_tp_size or 0, "--cfg.parallel_config")
-            if (want.tp_size, want.llm_pp_layers, want.vit_pp_layers) != (layout.tp_size, layout.llm_pp_layers, layout.vit_pp_layers):
-                raise LayoutError(f"--cfg.parallel_config: {want.describe()} does not match the shards, which hold {layout.describe()}")
-        layout = self._layout(dims, layout.tp_size, [list(c) for c in layout.llm_pp_layers],
-                              [list(c) for c in layout.vit_pp_layers], layout.vit_tp_size, "--cfg.mm_dir")
+        layout = self._shard_layout(reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
+                                    "--cfg.mm_dir", "--cfg.parallel_config")
         plan = self._mm_plan(dims, layout, shapes, dtypes)
         used = set()
         hf_sources = Sources(hf=hf_reader)
