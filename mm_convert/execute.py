@@ -20,7 +20,6 @@ import os
 import queue
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from .errors import CheckpointError, MMConvertError
 from .formats import hf as hf_format
 from .formats import mm as mm_format
-from .formats.torch_stream import StreamedTensor
+from .formats.torch_stream import StreamedTensor, crc32
 from .plan import HF, OutputFile, Ref, TargetTensor
 
 CHUNK_BYTES = int(os.environ.get("MM_CONVERT_CHUNK_BYTES", 1 << 20))
@@ -314,7 +313,7 @@ class _Prefetch:
                     if out.nbytes:
                         blocks.fill(t, locs, r0, r1, out)
                         if self.crc:
-                            crc = zlib.crc32(out, crc)
+                            crc = crc32(out, crc)
                     if not self._put((i, buf, out)):
                         return
                 if not self._put((i, _END, crc)):

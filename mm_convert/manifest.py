@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import CheckpointError, MMConvertError, load_json_object
+from .writeback import STEP as _WRITEBACK_STEP, Writeback
 
 MANIFEST = "mm_convert_manifest.json"
 JOURNAL = ".mm_convert-journal"
@@ -50,6 +51,8 @@ class HashingWriter:
         self.fh, self.path = fh, path
         self.sha = hashlib.sha256()
         self.size = 0
+        self.writeback = Writeback(fh.fileno(), drop=os.environ.get("MM_CONVERT_KEEP_CACHE", "0") != "1")
+        self._flushed = 0
 
     def write(self, data) -> int:
         mv = memoryview(data).cast("B")
@@ -66,6 +69,10 @@ class HashingWriter:
         if fut is None:
             self.sha.update(mv)
         self.size += len(mv)
+        if self.writeback.on and self.size - self._flushed >= _WRITEBACK_STEP:  # hand the buffered tail to the kernel, then pace its writes
+            self.fh.flush()
+            self._flushed = self.size
+            self.writeback.advance(self.size)
         return n
 
     def tell(self) -> int:

@@ -81,6 +81,24 @@ def test_small_row_blocks_identical(hf, reference, tmp_path, monkeypatch):
         assert_same_tree(reference / d, tmp_path / d)
 
 
+def test_paced_writeback_identical(hf, reference, tmp_path, monkeypatch):
+    """Writes paced in 4 KiB steps (sync_file_range, wait, drop) leave the same bytes, and the pacing ran."""
+    from mm_convert import manifest, writeback
+    monkeypatch.setattr(writeback, "STEP", 4096)
+    monkeypatch.setattr(manifest, "_WRITEBACK_STEP", 4096)
+    waited = []
+    real = writeback.Writeback._call
+    monkeypatch.setattr(writeback.Writeback, "_call",
+                        lambda self, off, n, flags: (waited.append(n) if flags & 4 else None, real(self, off, n, flags)))
+    _conv(2).hf_to_mm(hf, tmp_path / "mm", **LAYOUT)
+    _conv(1).mm_to_hf(tmp_path / "mm", tmp_path / "hf", hf_dir=hf, max_shard_size="60KB")
+    assert_same_tree(reference / "mm", tmp_path / "mm")
+    assert_same_tree(reference / "hf", tmp_path / "hf")
+    if writeback._SFR is None:
+        pytest.fail("sync_file_range is not available here (Linux with glibc expected)")
+    assert sum(waited) > 8 * 4096  # steps written, waited for and dropped as files grew (mm_to_hf ran in this process)
+
+
 def test_fallback_reads_identical(hf, reference, tmp_path, monkeypatch):
     """Where a source tensor has no byte location, it is read through the reader, block by block: same bytes."""
     monkeypatch.setattr(execute.Sources, "locate", lambda self, ref: None)

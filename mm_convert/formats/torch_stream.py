@@ -49,10 +49,14 @@ import os
 import pickle
 import struct
 import sys
-import zlib
 from typing import Any, Callable
 
 import torch
+
+try:  # ISA-L's CRC-32 runs ~7x faster than zlib's; the same checksum
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover
+    from zlib import crc32
 
 __all__ = ["TensorSpec", "StreamedTensor", "write_torch_file", "read_torch_file"]
 
@@ -316,7 +320,7 @@ class _ZipWriter:
     def write(self, data, crc: bool = True) -> None:
         mv = memoryview(data).cast("B")
         if crc:  # else the caller sets the record's CRC-32 (set_crc) before end()
-            self._crc = zlib.crc32(mv, self._crc)
+            self._crc = crc32(mv, self._crc)
         self.fh.write(mv)
         self._written += len(mv)
         self.pos += len(mv)
