@@ -1,7 +1,7 @@
 """Runs a plan: reads the pieces of each target tensor and streams them into its file, in bounded memory.
 
 A target tensor is never whole in memory. It goes to the writer as a :class:`StreamedTensor`: a sequence of
-row blocks of at most ``CHUNK_BYTES`` (32 MiB; ``MM_CONVERT_CHUNK_BYTES`` overrides it). Each block is filled
+row blocks of about ``CHUNK_BYTES`` (1 MiB; ``MM_CONVERT_CHUNK_BYTES`` overrides it). Each block is filled
 with plain ``preadv`` calls straight from the source files at the pieces' byte offsets (safetensors header
 offsets; for MM shards, where torch's mmap placed the tensor in the file), so a dim-0 piece costs one copy
 (kernel -> block) and a dim-1 piece (TP split of columns) one more (a strided gather of the rows read).

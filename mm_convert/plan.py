@@ -261,21 +261,35 @@ def compose(target: list[OutputFile], inverse: dict[str, list[Piece]]) -> list[O
 # ---- MM -> HF files --------------------------------------------------------------------------------------
 def hf_files_plan(inverse: dict[str, list[Piece]], shapes: dict, dtype_of: Callable[[Ref], torch.dtype],
                   rename: Callable[[str], str], max_shard_bytes: int) -> list[OutputFile]:
-    """HF tensors in ``shapes`` order, cut into safetensors files of at most ``max_shard_bytes``
-    (a tensor larger than the limit gets a file of its own)."""
-    groups: list[list[TargetTensor]] = [[]]
-    size = 0
+    """HF tensors in ``shapes`` order, cut into safetensors files of at most ``max_shard_bytes`` (a tensor
+    larger than the limit gets a file of its own). As few files as a greedy cut gives, but balanced: the cut
+    uses the smallest per-file limit that needs no more files, so parallel workers get even shares (a greedy
+    cut of 7.5 GB at 5 GB leaves one worker 5 GB and the other 2.5)."""
+    tensors = []
     for name, shape in shapes.items():
         pieces = inverse[name]
         kinds = {dtype_of(p.src) for p in pieces}
         if len(kinds) > 1:
             raise CheckpointError(f"{name}: its MM pieces have mixed dtypes {sorted(map(str, kinds))}; expected one dtype")
-        t = TargetTensor(rename(name), tuple(shape), kinds.pop(), pieces)
-        if groups[-1] and size + t.nbytes > max_shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
+        tensors.append(TargetTensor(rename(name), tuple(shape), kinds.pop(), pieces))
+
+    def cut(limit: int) -> list[list[TargetTensor]]:
+        groups: list[list[TargetTensor]] = [[]]
+        size = 0
+        for t in tensors:
+            if groups[-1] and size + t.nbytes > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += t.nbytes
+        return groups
+
+    n = len(cut(max_shard_bytes))
+    lo, hi = max([t.nbytes for t in tensors] + [-(-sum(t.nbytes for t in tensors) // n)]), max_shard_bytes
+    while lo < hi:  # the smallest limit that still gives n files (greedy file count falls as the limit grows)
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(cut(mid)) <= n else (mid + 1, hi)
+    groups = cut(min(lo, max_shard_bytes)) if n > 1 else cut(max_shard_bytes)
     n = len(groups)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     return [OutputFile(fname, {"": g}) for fname, g in zip(names, groups)]

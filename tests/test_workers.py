@@ -193,3 +193,29 @@ def test_mm_shards_valid_zip_crcs_and_load(reference):
         a = torch.load(p, map_location="cpu", weights_only=True)
         b = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         assert a["model"].keys() == b["model"].keys()
+
+
+@pytest.mark.parametrize("sizes,limit", [([1] * 75, 50), ([30, 5, 5, 30, 5, 5, 30], 50), ([80, 10, 10], 50),
+                                         ([7] * 10, 1000), ([3, 9, 2, 8, 1, 7, 6, 4, 5], 12)])
+def test_hf_files_as_few_as_greedy_and_balanced(sizes, limit):
+    """mm_to_hf's safetensors files: the greedy cut's file count, each file within the limit unless one tensor
+    alone exceeds it, tensors in order, and no file bigger than the greedy cut's biggest."""
+    import torch
+    from mm_convert.plan import HF, Piece, Ref, hf_files_plan
+    shapes = {f"t{i}": (n,) for i, n in enumerate(sizes)}
+    inverse = {k: [Piece(Ref(HF, "", k), (0,), (0,), s)] for k, s in shapes.items()}
+    files = hf_files_plan(inverse, shapes, lambda ref: torch.uint8, lambda k: k, limit)
+    greedy, size = [[]], 0
+    for n in sizes:
+        if greedy[-1] and size + n > limit:
+            greedy.append([])
+            size = 0
+        greedy[-1].append(n)
+        size += n
+    assert len(files) == len(greedy)
+    assert [t.key for f in files for t in f.tensors] == list(shapes)
+    for f in files:
+        assert f.nbytes <= limit or len(list(f.tensors)) == 1
+    assert max(f.nbytes for f in files) <= max(map(sum, greedy))
+    if sizes == [1] * 75:
+        assert sorted(f.nbytes for f in files) == [37, 38]
