@@ -254,7 +254,7 @@ def main(argv=None) -> None:
           "100 ms (shared pages of forked workers counted once per process); load avg = 1-minute load average "
           "after the command (the machine is shared: other jobs' load shows there; 2 cores).\n\n"
           "hf_to_mm: tp2, llm [[L/2, L/2]], vit [[V, 0]] (4 files); resplit: to tp1 with the same stages (2 files); "
-          "resplit to one file: tp1, llm [[L]], vit [[V]] (one writer process); mm_to_hf: 5 GB safetensors files.\n\n"
+          "resplit to one file: tp1, llm [[L]], vit [[V]] (one writer process); mm_to_hf: safetensors files of at most 5 GB, balanced (2 x 3.75 GB for 3B).\n\n"
           + table(results) + "\n")
     Path(a.out + ".md").write_text(md)
     print()
