@@ -9,6 +9,7 @@ same keys (``mm_dir``, ``hf_config: {hf_dir}``, ``parallel_config: {...}``, opti
 """
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import click
 
 from .converter import CONVERTERS, Result, VerifyReport
-from .errors import MMConvertError
+from .errors import MMConvertError, Terminated
 
 LAYOUT_HELP = {
     "tp_size": "tensor-parallel size (LLM; also the vision encoder unless vit_tp_size is set)",
@@ -114,10 +115,11 @@ def _run(ctx: click.Context, fn):
             traceback.print_exc()
         click.echo(f"mm-convert: error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("mm-convert: interrupted; nothing was written at the destination (finished files are kept "
-                   "for --resume)", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        click.echo(f"mm-convert: {'terminated (SIGTERM)' if term else 'interrupted'}; nothing was written at the "
+                   f"destination (finished files are kept for --resume)", err=True)
+        sys.exit(143 if term else 130)
     except OSError as e:
         if debug:
             traceback.print_exc()
@@ -337,7 +339,12 @@ def _split_glued(argv: list[str]) -> list[str]:
     return out
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def run(argv=None):
+    signal.signal(signal.SIGTERM, _on_sigterm)  # clean up like Ctrl-C (forked workers inherit it)
     main.main(args=_split_glued(list(sys.argv[1:] if argv is None else argv)), prog_name="mm-convert")
 
 

@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .errors import CheckpointError, ConfigError, LayoutError, MMConvertError, VerifyError
-from .execute import Ranks, Sources, default_workers, materialize, run_files, same_bits, write_file
+from .execute import Loc, Ranks, Sources, default_workers, matches, run_files, write_file
 from .formats import hf as hf_format
 from .formats import mm as mm_format
 from .layout import ParallelLayout
@@ -27,7 +27,7 @@ from .models import qwen2_5_vl
 from .manifest import (MANIFEST, check_manifest, check_sizes, files_description, finalize, plan_id, read_journal,
                        read_manifest, source_identity)
 from .output import atomic_output_dir
-from .plan import OutputFile, check_coverage, compose, hf_files_plan, hf_to_mm_plan, invert
+from .plan import OutputFile, Ref, check_coverage, compose, hf_files_plan, hf_to_mm_plan, invert
 from .progress import Progress
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -309,7 +309,8 @@ class Converter:
                             report.missing.append(f"{f.path}:{slot}.{t.key}")
                             continue
                         report.checked += 1
-                        if not same_bits(materialize(t, hf_sources), have[t.key]):
+                        where = reader.locate(Ref(f.path, slot, t.key))  # streamed, block by block
+                        if not matches(t, hf_sources, have[t.key], Loc(*where) if where else None):
                             report.mismatched.append(f"{f.path}:{slot}.{t.key}")
                         bar.advance(t.nbytes)
                 for slot in slots:

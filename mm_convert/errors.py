@@ -1,6 +1,11 @@
 """Errors the tool reports as one line (no traceback unless --debug)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler ending the job, ``kill``), handled like Ctrl-C: finished files are kept for
+    --resume and nothing appears at the destination."""
+
+
 class MMConvertError(Exception):
     """Base class: the message names the file, key or option at fault and what was expected."""
 

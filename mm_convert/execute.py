@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import CheckpointError, MMConvertError
+from .errors import CheckpointError, MMConvertError, Terminated
 from .formats import hf as hf_format
 from .formats import mm as mm_format
 from .formats.torch_stream import StreamedTensor, crc32
@@ -377,15 +377,27 @@ def run_files(files: list[OutputFile], root: Path, kind: str, sources: Sources, 
     ctx = mp.get_context("fork")
     done = ctx.Array("q", workers, lock=False)  # bytes written, one slot per worker
     procs = []
-    for k, idx in enumerate(assign(files, workers)):
-        rx, tx = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=([files[i] for i in idx], root, kind, sources, done, k, tx),
-                        name=f"mm_convert-worker-{k}", daemon=True)
-        p.start()
-        tx.close()
-        procs.append((p, rx))
+    # Ctrl-C or SIGTERM while forking would leave a just-forked worker unknown to the cleanup below (and, forked
+    # after the signal, not signalled itself): hold both until every worker is listed (workers unblock them)
+    held = _block_stop_signals()
+    p = None
+    try:
+        for k, idx in enumerate(assign(files, workers)):
+            rx, tx = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_worker, args=([files[i] for i in idx], root, kind, sources, done, k, tx, os.getpid()),
+                            name=f"mm_convert-worker-{k}", daemon=True)
+            p.start()
+            tx.close()
+            procs.append((p, rx))
+            p = None
+    except BaseException:  # the signal reached another thread of this process (it cannot be held there)
+        for q in [q for q, _ in procs] + ([p] if p is not None and getattr(p, "_popen", None) else []):
+            q.kill()
+            q.join()
+        raise
     total, seen, error = 0, 0, None
     try:
+        _unblock(held)  # a signal that came meanwhile is raised here, inside the cleanup's try
         pending = list(procs)
         while pending:
             for p, rx in list(pending):
@@ -393,7 +405,8 @@ def run_files(files: list[OutputFile], root: Path, kind: str, sources: Sources, 
                     try:
                         status, value = rx.recv()
                     except EOFError:
-                        status, value = "error", MMConvertError(f"{p.name} died (exit code {p.exitcode})")
+                        p.join(1)
+                        status, value = "error", _died(p)
                     p.join()
                     pending.remove((p, rx))
                     if status == "ok":
@@ -403,7 +416,7 @@ def run_files(files: list[OutputFile], root: Path, kind: str, sources: Sources, 
                 elif not p.is_alive() and not rx.poll(0):
                     pending.remove((p, rx))
                     if error is None:
-                        error = MMConvertError(f"{p.name} died (exit code {p.exitcode}); out of memory?")
+                        error = _died(p)
             if error is not None:
                 break
             now = sum(done)
@@ -414,13 +427,37 @@ def run_files(files: list[OutputFile], root: Path, kind: str, sources: Sources, 
         for p, rx in procs:
             if p.is_alive():
                 p.terminate()  # only when another worker failed or we were interrupted
-            p.join()
+        for p, rx in procs:
+            p.join(10)
+            if p.is_alive():  # it did not clean up in time (stuck in I/O?): stop it for good
+                p.kill()
+                p.join()
             rx.close()
     if error is not None:
         raise error
     if sum(done) > seen:
         on_bytes(sum(done) - seen)
     return total
+
+
+def _block_stop_signals():
+    import signal
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _unblock(held) -> None:
+    import signal
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _died(p) -> BaseException:
+    import signal
+    if p.exitcode == -signal.SIGTERM:  # the whole job is being ended (a scheduler signals every process)
+        return Terminated()
+    return MMConvertError(f"{p.name} died (exit code {p.exitcode}); out of memory?")
 
 
 def _die_with_parent() -> None:
@@ -433,8 +470,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker(files, root, kind, sources, done, k, tx) -> None:
+def _worker(files, root, kind, sources, done, k, tx, parent: int) -> None:
     _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent cleans up; a worker told to stop just stops
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # held while forking
     def advance(n: int) -> None:
         done[k] += n
     try:
@@ -494,6 +537,34 @@ class Ranks:
             import torch.distributed as dist
             dist.destroy_process_group()
             self._inited = False
+
+
+def matches(t: TargetTensor, sources: Sources, actual: torch.Tensor, where: Loc | None) -> bool:
+    """Whether ``actual`` (a tensor of a checkpoint, lying at ``where`` in its file) holds exactly target ``t``
+    as built from its pieces. Both sides are read one row block at a time (``where`` with ``preadv``), so
+    memory stays bounded whatever the tensor's size; without a byte location the two are built whole."""
+    if actual.dtype != t.dtype or tuple(actual.shape) != tuple(t.shape):
+        return False
+    if where is None:
+        return same_bits(materialize(t, sources), actual)
+    blocks = _Blocks(sources)
+    try:
+        locs = [sources.locate(p.src) for p in t.pieces]
+        rows = _dims(t.shape)[0]
+        trow = prod(_dims(t.shape)[1:]) * t.dtype.itemsize
+        step = _Blocks.rows_per_block(t, locs, CHUNK_BYTES)
+        want = np.empty(step * trow, np.uint8)
+        have = np.empty(step * trow, np.uint8)
+        for r0 in range(0, rows if trow else 0, step):
+            r1 = min(rows, r0 + step)
+            n = (r1 - r0) * trow
+            blocks.fill(t, locs, r0, r1, want[:n])
+            blocks._pread(where.path, where.offset + r0 * trow, have[:n])
+            if not np.array_equal(want[:n], have[:n]):
+                return False
+        return True
+    finally:
+        blocks.close()
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

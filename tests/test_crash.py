@@ -1,4 +1,4 @@
-"""Crash safety (issue 5): conversions killed with SIGKILL at random moments, and interrupted with SIGINT.
+"""Crash safety (issue 5): conversions killed with SIGKILL at random moments, interrupted with SIGINT, ended by SIGTERM.
 
 Each run is a real ``mm-convert`` process (its own process group, so forked workers die with it, as in a crash
 of the whole job). It imports everything, prints ``ready``, then converts; the kill comes after a random delay
@@ -50,6 +50,18 @@ def _args(hf, out, *extra):
     return ["Qwen2_5_VLConverter", "hf_to_mm", "--cfg.mm_dir", str(out), "--cfg.hf_config.hf_dir", str(hf), *LAYOUT, "-q", *extra]
 
 
+def _command_args(command, hf, mm, out, *extra):
+    """hf_to_mm from ``hf``; resplit (to tp1 pp2: two files) and mm_to_hf (several safetensors files) from ``mm``."""
+    if command == "hf_to_mm":
+        return _args(hf, out, *extra)
+    if command == "resplit":
+        return ["Qwen2_5_VLConverter", "resplit", "--cfg.source_dir", str(mm), "--cfg.target_dir", str(out),
+                "--cfg.target_parallel_config.tp_size", "1", "--cfg.target_parallel_config.llm_pp_layers", "[3,1]",
+                "--cfg.target_parallel_config.vit_pp_layers", "[4,0]", "-q", *extra]
+    return ["Qwen2_5_VLConverter", "mm_to_hf", "--cfg.mm_dir", str(mm), "--cfg.save_hf_dir", str(out),
+            "--cfg.hf_config.hf_dir", str(hf), "--cfg.max_shard_size", "300KB", "-q", *extra]
+
+
 def _spawn(mode, args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     p = subprocess.Popen([sys.executable, "-c", CHILD, mode, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -77,19 +89,26 @@ def clean(tiny_hf, tmp_path_factory):
     return hf, _files(out)
 
 
-def test_sigkill_at_random_moments(clean, tmp_path):
-    hf, want = clean
+@pytest.mark.parametrize("command,kills", [("hf_to_mm", KILLS), ("resplit", KILLS // 2), ("mm_to_hf", KILLS // 2)])
+def test_sigkill_at_random_moments(clean, tmp_path, command, kills):
+    hf, _ = clean
+    mm = tmp_path / "source_mm"
+    _cli(_args(hf, mm))
+    args = lambda out, *extra: _command_args(command, hf, mm, out, *extra)
+    _cli(args(tmp_path / "clean"))
+    want = _files(tmp_path / "clean")
+    source = _files(mm)
     # how long the conversion itself takes in a child (after imports)
-    p = _spawn("run", _args(hf, tmp_path / "calib"))
+    p = _spawn("run", args(tmp_path / "calib"))
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     took = float(out.split("took")[-1])
     seed = int(os.environ.get("MM_CONVERT_CRASH_SEED", time.time_ns() % 10**6))
     rng = random.Random(seed)
     outcomes = {"nothing": 0, "complete": 0, "partial_kept": 0}
-    for i in range(KILLS):
-        target = tmp_path / f"mm{i}"
-        p = _spawn("run", _args(hf, target))
+    for i in range(kills):
+        target = tmp_path / f"out{i}"
+        p = _spawn("run", args(target))
         time.sleep(rng.uniform(0, 1.2 * took))
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate(timeout=60)
@@ -107,10 +126,11 @@ def test_sigkill_at_random_moments(clean, tmp_path):
                 outcomes["partial_kept"] += 1
         # rerun: alternately with --resume and without (then --overwrite, in case it completed)
         extra = ["--resume"] if i % 2 == 0 else ["--overwrite"]
-        _cli(_args(hf, target, *extra))
+        _cli(args(target, *extra))
         assert _files(target) == want, f"{where}: rerun {extra} differs from a clean run"
         assert not tmp.exists()
-    print(f"SIGKILL outcomes over {KILLS} kills (seed {seed}, conversion {took:.3f} s): {outcomes}")
+    assert _files(mm) == source, "a killed run changed its source"
+    print(f"{command}: SIGKILL outcomes over {kills} kills (seed {seed}, conversion {took:.3f} s): {outcomes}")
 
 
 def test_sigint_keeps_finished_files_and_resume_is_bit_identical(clean, tmp_path):
@@ -129,6 +149,35 @@ def test_sigint_keeps_finished_files_and_resume_is_bit_identical(clean, tmp_path
     kept = read_journal(tmp)[1]
     assert kept, "the file finished before the interrupt is journaled"
     r = _cli(_args(hf, target, "--resume"))
+    assert _files(target) == want
+    assert not tmp.exists()
+
+
+@pytest.mark.parametrize("to", ["parent", "group"])
+def test_sigterm_cleans_up_like_ctrl_c(clean, tmp_path, to):
+    """SIGTERM to the CLI process only (``kill PID``) or to every process of the run (a scheduler ending the
+    job): exit 143 with one line, the workers stopped, nothing at the destination, finished files kept for
+    --resume, which completes the run."""
+    hf, want = clean
+    target = tmp_path / "mm"
+    p = _spawn("pause", _args(hf, target, "--workers", "2"))
+    assert p.stdout.readline().strip() == "wrote"
+    if to == "parent":
+        p.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(p.pid, signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 143, (p.returncode, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["mm-convert: terminated (SIGTERM); nothing was written at the destination (finished files "
+                     "are kept for --resume)"], err
+    assert not target.exists()
+    tmp = target.parent / f".{target.name}.mm_convert-tmp"
+    assert read_journal(tmp)[1], "the file finished before SIGTERM is journaled"
+    time.sleep(0.5)
+    alive = subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert alive == [], f"processes of the run still alive after SIGTERM: {alive}"
+    _cli(_args(hf, target, "--resume"))
     assert _files(target) == want
     assert not tmp.exists()
 

@@ -62,12 +62,14 @@ def same(a, b) -> bool:
     return a == b
 
 
-def test_resume_is_bit_identical(setup, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_bit_identical(setup, tmp_path, precision):
     """DP=2 with 2 accumulated micro-batches per rank, the ViT trained too: 10 steps saving at 5, then a run
-    loaded from step 5; step 10's weights, optimizer state and data position are bit-identical."""
+    loaded from step 5; step 10's weights, optimizer state and data position are bit-identical (also under
+    bf16 autocast, whose fp32 master weights and optimizer state are what is saved)."""
     root, hf, data = setup
     common = ["--global-batch-size", 4, "--micro-batch-size", 1, "--lr", "1e-3", "--lr-warmup-iters", 2,
-              "--train-vit", "--save-interval", 5]
+              "--train-vit", "--save-interval", 5] + (["--bf16"] if precision == "bf16" else [])
     a = run(data, root / "mm11", 10, "--save", tmp_path / "a", *common, nproc=2, log=tmp_path / "a.jsonl")
     assert (tmp_path / "a" / TRACKER).read_text().strip() == "10"
     (tmp_path / "b").mkdir()
@@ -75,6 +77,9 @@ def test_resume_is_bit_identical(setup, tmp_path):
     (tmp_path / "b" / TRACKER).write_text("5")
     b = run(data, tmp_path / "b", 10, "--save", tmp_path / "b", *common, nproc=2, log=tmp_path / "b.jsonl")
     assert [r["loss"] for r in b] == [r["loss"] for r in a[5:]]
+    if precision == "bf16":  # autocast really ran: the first step's loss is not the fp32 one
+        f = run(data, root / "mm11", 1, *common[:-1], nproc=2, log=tmp_path / "f.jsonl")
+        assert f[0]["loss"] != a[0]["loss"]
     sa, sb = shards(tmp_path / "a" / "iter_0000010"), shards(tmp_path / "b" / "iter_0000010")
     assert sa.keys() == sb.keys() == {"mp_rank_00/model_optim_rng.pt"}
     for k in sa:
