@@ -170,12 +170,31 @@ class _Blocks:
             os.close(fd)
         self.fds.clear()
 
-    def _pread(self, path: str, offset: int, out: np.ndarray, drop: bool = False) -> None:
+    def _fd(self, path: str) -> int:
         fd = self.fds.get(path)
         if fd is None:
             fd = self.fds[path] = os.open(path, os.O_RDONLY)
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        return fd
+
+    def prefetch(self, t: TargetTensor, locs: list[Loc | None]) -> None:
+        """Start the disk reads of the first bytes of each piece of ``t``, the tensor after the one being
+        filled: the switch to a new tensor (new offsets, often another file) then finds its first rows read.
+        Without it one process writing one file waited on the disk at every tensor (~20-45% iowait)."""
+        if not READ_AHEAD or not hasattr(os, "posix_fadvise"):
+            return
+        for p, loc in zip(t.pieces, locs):
+            if loc is None:
+                continue
+            srow = prod(_dims(loc.shape)[1:]) * t.dtype.itemsize
+            s0 = p.src_start[0] if p.src_start else 0
+            n = min((p.shape[0] if p.shape else 1) * srow, READ_AHEAD)
+            fd = self._fd(loc.path)
+            os.posix_fadvise(fd, loc.offset + s0 * srow, n, os.POSIX_FADV_WILLNEED)
+
+    def _pread(self, path: str, offset: int, out: np.ndarray, drop: bool = False) -> None:
+        fd = self._fd(path)
         mv = memoryview(out).cast("B")
         ranges = self.ahead.setdefault(fd, [])  # a few interleaved streams per file (q, k, v rows...)
         if READ_AHEAD and hasattr(os, "posix_fadvise") and not any(lo <= offset and offset + len(mv) + READ_AHEAD // 2 <= hi
@@ -290,8 +309,12 @@ class _Prefetch:
     def _run(self) -> None:
         blocks = _Blocks(self.sources)
         try:
+            nxt = None
             for i, t in enumerate(self.tensors):
-                locs = [self.sources.locate(p.src) for p in t.pieces]
+                locs = nxt if nxt is not None else [self.sources.locate(p.src) for p in t.pieces]
+                if i + 1 < len(self.tensors):
+                    nxt = [self.sources.locate(p.src) for p in self.tensors[i + 1].pieces]
+                    blocks.prefetch(self.tensors[i + 1], nxt)
                 rows = _dims(t.shape)[0]
                 step = _Blocks.rows_per_block(t, locs, self.chunk)
                 trow = prod(_dims(t.shape)[1:]) * t.dtype.itemsize

@@ -219,3 +219,34 @@ def test_hf_files_as_few_as_greedy_and_balanced(sizes, limit):
     assert max(f.nbytes for f in files) <= max(map(sum, greedy))
     if sizes == [1] * 75:
         assert sorted(f.nbytes for f in files) == [37, 38]
+
+
+def test_next_tensor_prefetched_before_it_is_filled(hf, reference, tmp_path, monkeypatch):
+    """While a tensor is filled, the disk reads of the next one's first bytes are already asked for (WILLNEED
+    on its source byte ranges), so one process writing one file does not wait for the disk at every tensor;
+    the output is unchanged."""
+    events = []
+    real_prefetch, real_fill = execute._Blocks.prefetch, execute._Blocks.fill
+    advised = []
+    real_fadvise = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: (advised.append((fd, off, n, adv)),
+                                                                       real_fadvise(fd, off, n, adv))[1])
+
+    def prefetch(self, t, locs):
+        before = len(advised)
+        real_prefetch(self, t, locs)
+        events.append(("prefetch", t.key, sum(1 for a in advised[before:] if a[3] == os.POSIX_FADV_WILLNEED)))
+    monkeypatch.setattr(execute._Blocks, "prefetch", prefetch)
+    monkeypatch.setattr(execute._Blocks, "fill", lambda self, t, locs, r0, r1, out: (events.append(("fill", t.key, r0)),
+                                                                                    real_fill(self, t, locs, r0, r1, out))[1])
+    _conv(1).resplit(reference / "mm", tmp_path / "mm2", tp_size=1, llm_pp_layers=[[4]], vit_pp_layers=[[4]])
+    assert_same_tree(reference / "mm2", tmp_path / "mm2")
+    first_fill = {}
+    for i, e in enumerate(events):
+        if e[0] == "fill" and e[1] not in first_fill:
+            first_fill[e[1]] = i
+    prefetched = {e[1]: (i, e[2]) for i, e in enumerate(events) if e[0] == "prefetch"}
+    assert len(first_fill) > 50
+    later = list(first_fill)[1:]  # the first tensor of each file has nothing before it
+    covered = [k for k in later if k in prefetched and prefetched[k][0] < first_fill[k] and prefetched[k][1] > 0]
+    assert len(covered) >= 0.9 * len(later), f"{len(covered)} of {len(later)} tensors prefetched before filling"
