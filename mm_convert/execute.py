@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .plan import HF, OutputFile, Ref, TargetTensor
 
 CHUNK_BYTES = int(os.environ.get("MM_CONVERT_CHUNK_BYTES", 1 << 20))
 POOL_BLOCKS = int(os.environ.get("MM_CONVERT_POOL_BLOCKS", 8))  # being written, queued, being filled
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # held while workers are forked
 READ_AHEAD = int(os.environ.get("MM_CONVERT_READ_AHEAD", 32 << 20))  # bytes asked of the kernel ahead of the
 # reads (page cache, not this process's memory); 0: leave read-ahead to the kernel
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -178,13 +180,14 @@ class _Blocks:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return fd
 
-    def prefetch(self, t: TargetTensor, locs: list[Loc | None]) -> None:
+    def prefetch(self, t: TargetTensor) -> None:
         """Start the disk reads of the first bytes of each piece of ``t``, the tensor after the one being
         filled: the switch to a new tensor (new offsets, often another file) then finds its first rows read.
         Without it one process writing one file waited on the disk at every tensor (~20-45% iowait)."""
         if not READ_AHEAD or not hasattr(os, "posix_fadvise"):
             return
-        for p, loc in zip(t.pieces, locs):
+        for p in t.pieces:
+            loc = self.sources.locate(p.src)  # cached by Sources
             if loc is None:
                 continue
             srow = prod(_dims(loc.shape)[1:]) * t.dtype.itemsize
@@ -309,12 +312,10 @@ class _Prefetch:
     def _run(self) -> None:
         blocks = _Blocks(self.sources)
         try:
-            nxt = None
             for i, t in enumerate(self.tensors):
-                locs = nxt if nxt is not None else [self.sources.locate(p.src) for p in t.pieces]
+                locs = [self.sources.locate(p.src) for p in t.pieces]
                 if i + 1 < len(self.tensors):
-                    nxt = [self.sources.locate(p.src) for p in self.tensors[i + 1].pieces]
-                    blocks.prefetch(self.tensors[i + 1], nxt)
+                    blocks.prefetch(self.tensors[i + 1])
                 rows = _dims(t.shape)[0]
                 step = _Blocks.rows_per_block(t, locs, self.chunk)
                 trow = prod(_dims(t.shape)[1:]) * t.dtype.itemsize
@@ -417,6 +418,7 @@ def run_files(files: list[OutputFile], root: Path, kind: str, sources: Sources, 
         for q in [q for q, _ in procs] + ([p] if p is not None and getattr(p, "_popen", None) else []):
             q.kill()
             q.join()
+        _unblock(held)  # do not leave this thread deaf to Ctrl-C and SIGTERM
         raise
     total, seen, error = 0, 0, None
     try:
@@ -464,20 +466,17 @@ def run_files(files: list[OutputFile], root: Path, kind: str, sources: Sources, 
 
 
 def _block_stop_signals():
-    import signal
     if not hasattr(signal, "pthread_sigmask"):
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
 
 
 def _unblock(held) -> None:
-    import signal
     if held is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _died(p) -> BaseException:
-    import signal
     if p.exitcode == -signal.SIGTERM:  # the whole job is being ended (a scheduler signals every process)
         return Terminated()
     return MMConvertError(f"{p.name} died (exit code {p.exitcode}); out of memory?")
@@ -487,7 +486,6 @@ def _die_with_parent() -> None:
     """A worker must not outlive its parent (killed or crashed), or it would keep writing into the output."""
     try:
         import ctypes
-        import signal
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
@@ -497,10 +495,9 @@ def _worker(files, root, kind, sources, done, k, tx, parent: int) -> None:
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(1)
-    import signal
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent cleans up; a worker told to stop just stops
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # held while forking
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # held while forking
     def advance(n: int) -> None:
         done[k] += n
     try:

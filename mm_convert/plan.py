@@ -289,7 +289,7 @@ def hf_files_plan(inverse: dict[str, list[Piece]], shapes: dict, dtype_of: Calla
     while lo < hi:  # the smallest limit that still gives n files (greedy file count falls as the limit grows)
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if len(cut(mid)) <= n else (mid + 1, hi)
-    groups = cut(min(lo, max_shard_bytes)) if n > 1 else cut(max_shard_bytes)
+    groups = cut(min(lo, max_shard_bytes))  # lo > max_shard_bytes only when one tensor alone exceeds it
     n = len(groups)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     return [OutputFile(fname, {"": g}) for fname, g in zip(names, groups)]

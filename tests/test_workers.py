@@ -232,9 +232,9 @@ def test_next_tensor_prefetched_before_it_is_filled(hf, reference, tmp_path, mon
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: (advised.append((fd, off, n, adv)),
                                                                        real_fadvise(fd, off, n, adv))[1])
 
-    def prefetch(self, t, locs):
+    def prefetch(self, t):
         before = len(advised)
-        real_prefetch(self, t, locs)
+        real_prefetch(self, t)
         events.append(("prefetch", t.key, sum(1 for a in advised[before:] if a[3] == os.POSIX_FADV_WILLNEED)))
     monkeypatch.setattr(execute._Blocks, "prefetch", prefetch)
     monkeypatch.setattr(execute._Blocks, "fill", lambda self, t, locs, r0, r1, out: (events.append(("fill", t.key, r0)),
@@ -250,3 +250,24 @@ def test_next_tensor_prefetched_before_it_is_filled(hf, reference, tmp_path, mon
     later = list(first_fill)[1:]  # the first tensor of each file has nothing before it
     covered = [k for k in later if k in prefetched and prefetched[k][0] < first_fill[k] and prefetched[k][1] > 0]
     assert len(covered) >= 0.9 * len(later), f"{len(covered)} of {len(later)} tensors prefetched before filling"
+
+
+def test_failed_fork_leaves_ctrl_c_and_sigterm_deliverable(hf, tmp_path, monkeypatch):
+    """SIGINT and SIGTERM are held while workers are forked; when forking fails, the started workers are
+    stopped, the error comes through, and the two signals are no longer held."""
+    import multiprocessing.process
+    import signal
+    real_start, started = multiprocessing.process.BaseProcess.start, []
+
+    def start(self):
+        if started:
+            raise OSError(11, "Resource temporarily unavailable")
+        started.append(self)
+        real_start(self)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
+    with pytest.raises(OSError, match="temporarily unavailable"):
+        _conv(2).hf_to_mm(hf, tmp_path / "mm", **LAYOUT)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert signal.SIGINT not in held and signal.SIGTERM not in held
+    assert started and not started[0].is_alive()
+    assert not (tmp_path / "mm").exists()
