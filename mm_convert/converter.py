@@ -238,7 +238,7 @@ class Converter:
         with self._output(save_hf_dir, "--cfg.save_hf_dir", [mm_dir] + ([hf_dir] if hf_dir else []), overwrite,
                           resume=resume, plan_id=doc["plan"]) as out:
             todo, kept = self._todo(out, "", files, result)
-            result.bytes = self._execute(todo, out, "hf", sources, "mm_to_hf") + kept
+            result.bytes = self._execute(todo, out, hf_format.SafetensorsWriter(), sources, "mm_to_hf") + kept
             if len(files) > 1:
                 hf_format.write_index(out / hf_format.INDEX, {t.key: f.path for f in files for t in f.tensors},
                                       sum(f.nbytes for f in files))
@@ -268,8 +268,12 @@ class Converter:
             return result
         manifest = {"hf_config": cfg, "hf_key_scheme": scheme, "source": str(Path(source_dir).absolute()),
                     "source_identity": _mm_identity(source_dir, reader)}
+        saved = _with_layout(reader.training_state(), layout)
+        if saved:
+            result.notes.append("kept from the training save: " + ", ".join(
+                f"iteration {saved['iteration']}" if k == "iteration" else k for k in saved))
         return self._write_mm(result, target_dir, layout, Sources(mm=reader), [source_dir] + ([hf_dir] if hf_dir else []),
-                              overwrite, manifest, resume)
+                              overwrite, manifest, resume, saved)
 
     def verify(self, hf_dir, mm_dir, tp_size=None, llm_pp_layers=None, vit_pp_layers=None, vit_tp_size=None) -> VerifyReport:
         """Compare every tensor of an MM checkpoint with what its HF checkpoint says it must be, bit for bit.
@@ -321,17 +325,22 @@ class Converter:
 
     # ---- execution ---------------------------------------------------------------------------------------
     def _write_mm(self, result: Result, mm_dir, layout: ParallelLayout, sources: Sources, src_dirs, overwrite, manifest,
-                  resume: bool = False):
+                  resume: bool = False, saved: dict | None = None):
+        """``saved``: a training save's ``iteration`` (the output goes to iter_NNNNNNN) and ``args``, kept in
+        every shard; without them the output is a ``release`` checkpoint."""
         option = "--cfg.target_dir" if result.command == "resplit" else "--cfg.mm_dir"
-        doc = self._manifest_doc(result, layout, manifest)
+        saved = saved or {}
+        iteration = saved.get("iteration", "release")
+        doc = self._manifest_doc(result, layout, {**manifest, "iteration": iteration})
         if resume and _complete(mm_dir, doc):
             return self._already(result)
         with self._output(mm_dir, option, src_dirs, overwrite, resume=resume, plan_id=doc["plan"]) as out:
-            it = out / "release"
-            todo, kept = self._todo(out, "release/", result.files, result)
-            result.bytes = self._execute(todo, it, "mm", sources, result.command) + kept
-            mm_format.write_tracker(out, "release")
-            finalize(out, doc, expect=["release/" + f.path for f in result.files])
+            sub = mm_format.iteration_dir_name(iteration)
+            todo, kept = self._todo(out, sub + "/", result.files, result)
+            writer = mm_format.ShardWriter(saved)
+            result.bytes = self._execute(todo, out / sub, writer, sources, result.command) + kept
+            mm_format.write_tracker(out, iteration)
+            finalize(out, doc, expect=[sub + "/" + f.path for f in result.files])
         result.seconds = time.monotonic() - self._t0
         return result
 
@@ -389,7 +398,7 @@ class Converter:
         finally:
             ranks.close()
 
-    def _execute(self, files: list[OutputFile], root: Path, kind: str, sources: Sources, what: str) -> int:
+    def _execute(self, files: list[OutputFile], root: Path, writer, sources: Sources, what: str) -> int:
         """Write ``files``: split among ``workers`` processes, and among torchrun ranks when there are several."""
         ranks = getattr(self, "_ranks", None) or Ranks()
         sources.plan_reads(files)  # over every rank's files: which source bytes are read once
@@ -397,7 +406,7 @@ class Converter:
         total, error = 0, None
         with Progress(sum(f.nbytes for f in mine), what, self.progress) as bar:
             try:
-                total = run_files(mine, root, kind, sources, bar.advance, self.workers or default_workers())
+                total = run_files(mine, root, writer, sources, bar.advance, self.workers or default_workers())
             except BaseException as e:
                 if not ranks.active:
                     raise
@@ -468,6 +477,18 @@ def copy_non_weight_files(hf_dir, out: Path) -> list[str]:
 def _mm_identity(mm_dir, reader: mm_format.MMReader) -> dict:
     rels = [os.path.relpath(reader.iter_dir / r, mm_dir) for r in reader.shard_paths()]
     return source_identity(mm_dir, rels + [mm_format.TRACKER, MANIFEST])
+
+
+def _with_layout(saved: dict, layout: ParallelLayout) -> dict:
+    """A training save's state for an output in ``layout``: the parallel sizes in its args changed to match."""
+    args = saved.get("args")
+    if args is not None:
+        sizes = {"tensor_model_parallel_size": layout.tp_size, "pipeline_model_parallel_size": layout.pp_size,
+                 "virtual_pipeline_model_parallel_size": layout.vpp_size if layout.vpp_size > 1 else None}
+        for name, value in sizes.items():
+            if hasattr(args, name):
+                setattr(args, name, value)
+    return saved
 
 
 def _complete(target, doc: dict) -> bool:

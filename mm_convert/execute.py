@@ -119,23 +119,16 @@ def materialize(t: TargetTensor, sources: Sources) -> torch.Tensor:
     return out
 
 
-def write_file(f: OutputFile, root: Path, kind: str, sources: Sources, on_bytes: Callable[[int], None]) -> int:
-    """Write one planned output file under ``root`` (kind "mm" or "hf"); returns its size."""
+def write_file(f: OutputFile, root: Path, writer, sources: Sources, on_bytes: Callable[[int], None]) -> int:
+    """Write one planned output file under ``root`` with ``writer`` (a format's writer object:
+    formats.hf.SafetensorsWriter, formats.mm.ShardWriter); returns its size."""
     path = root / f.path
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = list(f.tensors)
-    with _Prefetch(tensors, sources, on_bytes, crc=kind == "mm") as pre:
-        if kind == "hf":
-            ts = f.slots[""]
-            size = hf_format.write_safetensors(path, [(t.key, t.dtype, t.shape) for t in ts], pre.stream)
-        else:
-            index, i = {}, 0
-            for s, ts in f.slots.items():
-                for j in range(len(ts)):
-                    index[(s, j)] = i
-                    i += 1
-            size = mm_format.write_shard(path, {s: [(t.key, t.dtype, t.shape) for t in ts] for s, ts in f.slots.items()},
-                                         lambda s, j: pre.stream(index[(s, j)]))
+    index = {(s, j): i for i, (s, j) in enumerate((s, j) for s, ts in f.slots.items() for j in range(len(ts)))}
+    with _Prefetch(tensors, sources, on_bytes, crc=writer.zip_records) as pre:
+        size = writer.write(path, {s: [(t.key, t.dtype, t.shape) for t in ts] for s, ts in f.slots.items()},
+                            lambda s, j: pre.stream(index[(s, j)]))
     if getattr(sources, "sole", None):  # written and fsynced: its pages are clean, free them (use-once)
         _drop_cache(path)
     return size
@@ -390,12 +383,12 @@ def default_workers() -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def run_files(files: list[OutputFile], root: Path, kind: str, sources: Sources, on_bytes: Callable[[int], None],
+def run_files(files: list[OutputFile], root: Path, writer, sources: Sources, on_bytes: Callable[[int], None],
               workers: int = 1) -> int:
     """Write ``files`` under ``root``: in this process, or split among ``workers`` forked processes."""
     workers = max(1, min(workers, len(files)))
     if workers == 1:
-        return sum(write_file(f, root, kind, sources, on_bytes) for f in files)
+        return sum(write_file(f, root, writer, sources, on_bytes) for f in files)
     import multiprocessing as mp
     sources.locate_all(files)  # once, before forking: the workers inherit the locations
     ctx = mp.get_context("fork")
@@ -408,7 +401,7 @@ def run_files(files: list[OutputFile], root: Path, kind: str, sources: Sources, 
     try:
         for k, idx in enumerate(assign(files, workers)):
             rx, tx = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker, args=([files[i] for i in idx], root, kind, sources, done, k, tx, os.getpid()),
+            p = ctx.Process(target=_worker, args=([files[i] for i in idx], root, writer, sources, done, k, tx, os.getpid()),
                             name=f"mm_convert-worker-{k}", daemon=True)
             p.start()
             tx.close()
@@ -491,7 +484,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker(files, root, kind, sources, done, k, tx, parent: int) -> None:
+def _worker(files, root, writer, sources, done, k, tx, parent: int) -> None:
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(1)
@@ -501,7 +494,7 @@ def _worker(files, root, kind, sources, done, k, tx, parent: int) -> None:
     def advance(n: int) -> None:
         done[k] += n
     try:
-        total = sum(write_file(f, root, kind, sources, advance) for f in files)
+        total = sum(write_file(f, root, writer, sources, advance) for f in files)
         tx.send(("ok", total))
     except BaseException as e:
         try:

@@ -295,7 +295,7 @@ def _(e):
 
 
 @case("pickle_needs_code", "MM shard whose pickle would run code (crafted payload)",
-      "refused, it needs code to unpickle and only plain tensors are loaded (weights_only=True)")
+      "refused, its pickle names __builtin__.getattr, which is neither tensor data nor a data-only object")
 def _(e):
     mm = e.mm()
     marker = e.tmp / "PWNED"
@@ -522,7 +522,7 @@ def test_payload_is_live_and_never_runs(sources, tmp_path):
     from mm_convert.formats.mm import load_torch_file
     f, marker = tmp_path / "evil.pt", tmp_path / "PWNED"
     torch.save({"model": {"w": torch.zeros(2)}, "x": Payload(str(marker))}, f)
-    with pytest.raises(CheckpointError, match="refused, it needs code to unpickle"):
+    with pytest.raises(CheckpointError, match="refused, its pickle names __builtin__.getattr"):
         load_torch_file(f)
     assert not marker.exists()
     torch.load(f, weights_only=False)  # the unsafe way: the payload runs

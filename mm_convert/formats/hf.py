@@ -215,3 +215,13 @@ def _numel(shape: Iterable[int]) -> int:
 
 def write_index(path: str | os.PathLike, weight_map: dict[str, str], total_size: int) -> None:
     Path(path).write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+class SafetensorsWriter:
+    """Writes one planned HF file: a safetensors file with one slot ("") of tensors."""
+
+    zip_records = False  # no per-record CRC to compute while streaming
+
+    def write(self, path, slots: dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]]],
+              produce: Callable[[str, int], torch.Tensor]) -> int:
+        return write_safetensors(path, slots[""], lambda i: produce("", i))

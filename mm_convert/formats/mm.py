@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from ..layout import ParallelLayout
 from ..plan import Ref, shard_path
 from ..manifest import open_output
+from . import safe_pickle
 from .torch_stream import TensorSpec, _archive_name, _first_line, _write_archive, _ZipWriter
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -78,6 +79,7 @@ class MMReader:
                     raise CheckpointError(f"{self.iter_dir / rel}: missing; the checkpoint has tp={self.tp_size} "
                                           f"pp={self.pp_size} and needs a shard for every (tp, pp) rank")
         self._loaded: dict[str, dict] = {}
+        self._saved: dict[str, dict] = {}  # per shard: the training save's iteration and args, where present
 
     def shard_paths(self) -> list[str]:
         return [shard_path(t, p, self.pp_size) for t in range(self.tp_size) for p in range(self.pp_size)]
@@ -95,12 +97,30 @@ class MMReader:
                     slots[k] = {n: t for n, t in v.items() if not n.endswith("_extra_state")}
             if not slots:
                 raise CheckpointError(f"{path}: no 'model' (or 'model0', ...) state dict inside")
+            self._saved[rel] = {k: obj[k] for k in ("iteration", "args") if k in obj}
             for slot, sd in slots.items():
                 for n, t in sd.items():
                     if not isinstance(t, torch.Tensor):
                         raise CheckpointError(f"{path}: {slot}.{n} is a {type(t).__name__}, expected a tensor")
             self._loaded[rel] = slots
         return self._loaded[rel]
+
+    def training_state(self) -> dict:
+        """What a training save carries besides the weights, as an output shard keeps it: ``iteration`` (int;
+        from the first shard, else the directory name) and ``args`` (an argparse.Namespace of plain values);
+        {} for a release checkpoint without them."""
+        first = shard_path(0, 0, self.pp_size)
+        self.slots(first)
+        saved, out = self._saved[first], {}
+        it = saved.get("iteration")
+        if type(it) is not int and self.iter_dir.name.startswith("iter_") and self.iter_dir.name[5:].isdigit():
+            it = int(self.iter_dir.name[5:])
+        if type(it) is int:
+            out["iteration"] = it
+        args = saved.get("args")
+        if isinstance(args, safe_pickle.SavedNamespace):
+            out["args"] = args.to_namespace()
+        return out
 
     def meta(self, ref: Ref) -> tuple[torch.dtype, tuple[int, ...]]:
         t = self._tensor(ref)
@@ -179,16 +199,18 @@ def _file_offset(path: str, addr: int) -> int | None:
 
 
 def load_torch_file(path: Path):
-    """torch.load with weights_only=True and mmap; errors name the file and what was wrong."""
+    """A torch checkpoint file, tensors memory-mapped, through the safe unpickler (safe_pickle.py): training
+    saves (Megatron args, numpy RNG state, BytesIO extra state) load; nothing named in the file is run.
+    Errors name the file and what was wrong."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return safe_pickle.load(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing")
+    except safe_pickle.UnsafeGlobal as e:
+        raise CheckpointError(f"{path}: refused, its pickle names {e.dotted}, which is neither tensor data nor a "
+                              f"data-only object known from training saves (nothing was run)")
     except Exception as e:
         msg = _first_line(str(e)) if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "unpickl" in str(e).lower():
-            raise CheckpointError(f"{path}: refused, it needs code to unpickle and only plain tensors are loaded "
-                                  f"(weights_only=True): {msg[:200]}")
         raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt ({msg[:200]})")
 
 
@@ -215,6 +237,19 @@ def write_shard(path: Path, slots: dict[str, list[tuple[str, torch.dtype, tuple[
         return fh.size
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}")
+
+
+class ShardWriter:
+    """Writes one planned MM shard; ``extra`` holds the entries a shard carries besides its model chunks
+    (``iteration`` and ``args`` of a training save being resplit), the same in every shard."""
+
+    zip_records = True  # torch's zip format stores a CRC-32 per record, computed while streaming
+
+    def __init__(self, extra: dict | None = None):
+        self.extra = extra or {}
+
+    def write(self, path: Path, slots, produce) -> int:
+        return write_shard(path, slots, produce, self.extra)
 
 
 def write_tracker(root: Path, iteration: str | int = "release") -> None:

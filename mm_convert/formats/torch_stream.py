@@ -41,6 +41,7 @@ Public API: :class:`TensorSpec`, :func:`write_torch_file`,
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import hashlib
@@ -201,8 +202,10 @@ def _collect_paths(obj: Any) -> dict[int, Path]:
             if isinstance(x, torch.Tensor) and type(x) not in (torch.Tensor, torch.nn.Parameter):
                 raise TypeError(f"{_fmt_path(path)}: tensor subclass {type(x).__name__} is not supported")
             paths.setdefault(id(x), path)
-        elif type(x) in _ATOMS:
+        elif type(x) in _ATOMS or isinstance(x, torch.dtype):
             pass
+        elif type(x) is argparse.Namespace:  # Megatron's args: pickled as the class + its attributes
+            walk(vars(x), path)
         elif isinstance(x, (dict, list, tuple)):
             if type(x) not in (dict, collections.OrderedDict, list, tuple):
                 raise TypeError(f"{_fmt_path(path)}: {type(x).__name__} is not supported (use dict/list/tuple)")
