@@ -78,6 +78,15 @@ def save(save_dir, iteration: int, tm, optimizer, scheduler: dict, data_state: d
     return it_dir
 
 
+def is_own_save(obj) -> bool:
+    """A save this trainer wrote (its optimizer, scheduler and RNG formats), not another trainer's."""
+    optim = obj.get("optimizer")
+    rngs = obj.get("rng_state")
+    return (type(obj.get("iteration")) is int and "data_state" in obj
+            and (optim is None or (isinstance(optim, dict) and {"adamw", "master"} <= optim.keys()))
+            and (not rngs or all(isinstance(r, dict) and {"random", "numpy", "torch"} <= r.keys() for r in rngs)))
+
+
 def load(load_dir, tm, optimizer, *, load_optim: bool = True, load_rng: bool = True) -> dict:
     """Weights are already in ``tm`` (it reads the same file). Restores the optimizer (and the fp32 master
     weights), RNG and returns {"iteration", "scheduler", "data_state"}; a ``release`` checkpoint starts at 0."""
@@ -86,6 +95,13 @@ def load(load_dir, tm, optimizer, *, load_optim: bool = True, load_rng: bool = T
     if it_dir.name == "release":
         return {"iteration": 0, "scheduler": None, "data_state": None}
     obj = load_torch_file(it_dir / rel_shard(ps.tp_rank, ps.pp_rank, tm.layout.pp_size))
+    if not is_own_save(obj):
+        # a Megatron / MindSpeed-MM training save: its weights are in tm already; its optimizer, scheduler and
+        # RNG are another trainer's formats, so fine-tuning starts from it like from a release (Megatron's --finetune)
+        if ps.rank == 0:
+            print(f"[load] {it_dir}: a training save of another trainer (Megatron / MindSpeed-MM); its weights are "
+                  f"loaded, its optimizer, scheduler and RNG state are not; starting at iteration 0", flush=True)
+        return {"iteration": 0, "scheduler": None, "data_state": None}
     out = {"iteration": int(obj["iteration"]), "scheduler": obj.get("opt_param_scheduler"),
            "data_state": obj.get("data_state")}
     if load_optim and "optimizer" in obj:
