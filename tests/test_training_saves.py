@@ -199,3 +199,24 @@ def test_global_that_would_run_code_is_refused(saves, tmp_path, what):
     assert f"refused, its pickle names {dotted}" in err[0] and "model_optim_rng.pt" in err[0], err[0]
     assert not marker.exists() and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary output left either
+
+
+def test_safe_loader_other_data_training_saves_hold(tmp_path):
+    """YAML-config runs save args as a SimpleNamespace; core >= 0.16 keeps a signal enum; MindSpeed keeps sets;
+    graph-safe RNG keeps torch.Generator; paths, defaultdicts and numpy scalars appear too."""
+    import collections
+    import signal
+    import types
+    gen = torch.Generator()
+    gen.manual_seed(3)
+    obj = {"args": types.SimpleNamespace(exit_signal=signal.SIGTERM, noop_layers={1, 3}, save=Path("/a/b")),
+           "d": collections.defaultdict(list, {"k": [1]}), "g": gen, "s": np.float32(2.5), "b": b"\x00\xff",
+           "t": torch.arange(4, dtype=torch.int16)}
+    torch.save(obj, tmp_path / "x.pt")
+    got = safe_pickle.load(tmp_path / "x.pt")
+    assert isinstance(got["args"], safe_pickle.SavedNamespace)
+    assert got["args"].exit_signal.dotted == "signal.Signals" and got["args"].exit_signal.value == int(signal.SIGTERM)
+    assert got["args"].noop_layers == {1, 3} and got["args"].save == "/a/b"
+    assert dict(got["d"]) == {"k": [1]} and got["d"].default_factory is None
+    assert got["g"].dotted == "torch.Generator" and got["s"] == np.float32(2.5) and got["b"] == b"\x00\xff"
+    assert torch.equal(got["t"], obj["t"])

@@ -31,7 +31,8 @@ import torch
 
 # Packages whose classes are rebuilt as inert records: their enums and configs end up in ``args`` (and their
 # code is never imported, so a class of theirs cannot act).
-TRAINING_PACKAGES = ("megatron.", "mindspeed.", "mindspeed_mm.", "mindspeed_llm.", "transformer_engine.")
+TRAINING_PACKAGES = ("megatron.", "mindspeed.", "mindspeed_mm.", "mindspeed_llm.", "transformer_engine.", "apex.",
+                     "torch.optim.", "torch.distributed.checkpoint.", "signal.")
 
 
 class UnsafeGlobal(pickle.UnpicklingError):
@@ -136,6 +137,19 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     return torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
 
 
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, dtype=None,
+                       metadata=None):
+    """torch._utils._rebuild_tensor_v3 (untyped storages: float8, uint16...), hooks and state dropped."""
+    if not isinstance(storage, torch.storage.TypedStorage) or not isinstance(dtype, torch.dtype):
+        raise pickle.UnpicklingError("tensor (v3) rebuilt from something other than a storage and a dtype")
+    t = torch.empty((0,), dtype=dtype, device=storage._untyped_storage.device)
+    return t.set_(storage._untyped_storage, storage_offset, size, stride)
+
+
+def _rebuild_meta(dtype, size, stride, requires_grad=False):
+    return torch.empty_strided(size, stride, dtype=dtype, device="meta")
+
+
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
     if not isinstance(data, torch.Tensor):
         raise pickle.UnpicklingError(f"parameter rebuilt from a {type(data).__name__}, expected a tensor")
@@ -211,6 +225,8 @@ def _numpy(module: str, name: str):
 _TABLE: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_meta_tensor_no_storage"): _rebuild_meta,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
@@ -225,7 +241,10 @@ _TABLE: dict[tuple[str, str], Any] = {
     ("builtins", "list"): list, ("builtins", "dict"): dict, ("builtins", "tuple"): tuple,
     ("builtins", "int"): int, ("builtins", "float"): float, ("builtins", "str"): str, ("builtins", "bool"): bool,
     ("builtins", "bytes"): bytes, ("builtins", "object"): object,
-    ("__builtin__", "set"): set, ("__builtin__", "frozenset"): frozenset,  # protocol-2 pickles from Python 2
+    # protocol 2 writes builtins under their Python 2 module name
+    ("__builtin__", "set"): set, ("__builtin__", "frozenset"): frozenset, ("__builtin__", "list"): list,
+    ("__builtin__", "dict"): dict, ("__builtin__", "tuple"): tuple, ("__builtin__", "bytearray"): bytearray,
+    ("__builtin__", "complex"): complex, ("__builtin__", "slice"): slice, ("__builtin__", "xrange"): range,
     ("_codecs", "encode"): _codecs_encode,
     ("copyreg", "_reconstructor"): _reconstructor, ("copy_reg", "_reconstructor"): _reconstructor,
     ("argparse", "Namespace"): SavedNamespace,
@@ -235,7 +254,7 @@ _TABLE: dict[tuple[str, str], Any] = {
     ("datetime", "timedelta"): datetime.timedelta, ("datetime", "timezone"): datetime.timezone,
 }
 for _cls in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"):
-    _TABLE[("pathlib", _cls)] = _path
+    _TABLE[("pathlib", _cls)] = _TABLE[("pathlib._local", _cls)] = _path  # pathlib._local: Python 3.13
 
 
 def resolve_global(module: str, name: str):
@@ -243,6 +262,8 @@ def resolve_global(module: str, name: str):
     found = _TABLE.get((module, name))
     if found is None and module == "torch":
         found = _torch_attr(name)
+    if found is None and (module, name) in (("torch", "Generator"), ("torch._C", "Generator")):
+        found = saved_class("torch.Generator")  # RNG tracker states of graph-safe RNG: kept as a record
     if found is None and module.startswith("numpy"):
         found = _numpy(module, name)
     if found is None and (module + ".").startswith(TRAINING_PACKAGES):
