@@ -20,6 +20,7 @@ import torch
 from . import __version__
 from .errors import CheckpointError, ConfigError, LayoutError, MMConvertError, VerifyError
 from .execute import Loc, Ranks, Sources, default_workers, matches, run_files, write_file
+from .formats import dist
 from .formats import hf as hf_format
 from .formats import mm as mm_format
 from .layout import ParallelLayout
@@ -172,9 +173,9 @@ class Converter:
 
     def _open_mm(self, mm_dir, hf_dir, option, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, prefix):
         """Reader, config, dims, layout and checked source plan of an MM checkpoint."""
-        reader = mm_format.MMReader(mm_dir, option)
+        reader = mm_format.open_reader(mm_dir, option)
         manifest = read_manifest(mm_dir)
-        check_sizes(mm_dir, manifest, [os.path.relpath(reader.iter_dir / r, mm_dir) for r in reader.shard_paths()])
+        check_sizes(mm_dir, manifest, [os.path.relpath(reader.iter_dir / r, mm_dir) for r in reader.files()])
         if hf_dir is not None:
             cfg = hf_format.load_config(hf_dir)
             source = str(Path(hf_dir) / "config.json")
@@ -184,8 +185,11 @@ class Converter:
             raise ConfigError(f"{option} {mm_dir}: no {MANIFEST} with the model config; pass --cfg.hf_config.hf_dir "
                               f"(the original HF directory, for its config.json)")
         dims = self._dims(cfg, source)
-        layout = self._shard_layout(reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                    f"{option} {mm_dir}", prefix)
+        if reader.layout_free:  # torch_dist: global tensors, read as tp 1, pp 1
+            layout = self._layout(dims, 1, [[dims.layers]], [[dims.vit_layers]], 0, f"{option} {mm_dir}")
+        else:
+            layout = self._shard_layout(reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
+                                        f"{option} {mm_dir}", prefix)
         shapes = self.spec.hf_shapes(dims)
         plan = self._mm_plan(dims, layout, shapes, {n: None for n in shapes})
         check_shards_match(reader, plan)
@@ -196,18 +200,27 @@ class Converter:
 
     # ---- commands ----------------------------------------------------------------------------------------
     def hf_to_mm(self, hf_dir, mm_dir, tp_size: int = 1, llm_pp_layers=None, vit_pp_layers=None, vit_tp_size: int = 0,
-                 *, overwrite: bool = False, dry_run: bool = False, resume: bool = False) -> Result:
+                 *, save_format: str = "torch", overwrite: bool = False, dry_run: bool = False,
+                 resume: bool = False) -> Result:
         """Convert an HF checkpoint directory into an MM checkpoint (``release``) with the given layout.
+        ``save_format``: "torch" (mp_rank_* shards) or "torch_dist" (Megatron's distributed format: global
+        tensors, any TP / PP at load time; the layout given is checked, not used).
         ``resume``: keep the finished files of an interrupted run of the same plan (see manifest.py)."""
         cfg, dims, reader, shapes, dtypes = self._open_hf(hf_dir)
         layout = self._layout(dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, "--cfg.parallel_config")
-        files = self._mm_plan(dims, layout, shapes, dtypes)
-        result = Result("hf_to_mm", str(mm_dir), layout.describe(), files)
+        if _save_format(save_format) == "torch_dist":
+            layout = self._layout(dims, 1, [[dims.layers]], [[dims.vit_layers]], 0, "--cfg.parallel_config")
+            files = dist_files(self._mm_plan(dims, layout, shapes, dtypes))
+            result = Result("hf_to_mm", str(mm_dir), "torch_dist (global tensors)", files)
+        else:
+            files = self._mm_plan(dims, layout, shapes, dtypes)
+            result = Result("hf_to_mm", str(mm_dir), layout.describe(), files)
         if dry_run:
             return result
         manifest = {"hf_config": cfg, "hf_key_scheme": reader.scheme, "source": str(Path(hf_dir).absolute()),
                     "source_identity": source_identity(hf_dir, ["config.json", hf_format.INDEX] + reader.weight_files())}
-        return self._write_mm(result, mm_dir, layout, Sources(hf=reader), [hf_dir], overwrite, manifest, resume)
+        return self._write_mm(result, mm_dir, layout, Sources(hf=reader), [hf_dir], overwrite, manifest, resume,
+                              save_format=save_format)
 
     def mm_to_hf(self, mm_dir, save_hf_dir, hf_dir=None, tp_size=None, llm_pp_layers=None, vit_pp_layers=None,
                  vit_tp_size=None, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
@@ -293,9 +306,12 @@ class Converter:
 
     def _verify_tensors(self, report, hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size) -> VerifyReport:
         cfg, dims, hf_reader, shapes, dtypes = self._open_hf(hf_dir)
-        reader = mm_format.MMReader(mm_dir)
-        layout = self._shard_layout(reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                    "--cfg.mm_dir", "--cfg.parallel_config")
+        reader = mm_format.open_reader(mm_dir)
+        if reader.layout_free:
+            layout = self._layout(dims, 1, [[dims.layers]], [[dims.vit_layers]], 0, "--cfg.mm_dir")
+        else:
+            layout = self._shard_layout(reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
+                                        "--cfg.mm_dir", "--cfg.parallel_config")
         plan = self._mm_plan(dims, layout, shapes, dtypes)
         used = set()
         hf_sources = Sources(hf=hf_reader)
@@ -313,8 +329,10 @@ class Converter:
                             report.missing.append(f"{f.path}:{slot}.{t.key}")
                             continue
                         report.checked += 1
-                        where = reader.locate(Ref(f.path, slot, t.key))  # streamed, block by block
-                        if not matches(t, hf_sources, have[t.key], Loc(*where) if where else None):
+                        ref = Ref(f.path, slot, t.key)
+                        where = reader.locate(ref)  # streamed, block by block
+                        actual = reader.read(ref) if where is None and have[t.key].is_meta else have[t.key]
+                        if not matches(t, hf_sources, actual, Loc(*where) if where else None):
                             report.mismatched.append(f"{f.path}:{slot}.{t.key}")
                         bar.advance(t.nbytes)
                 for slot in slots:
@@ -325,20 +343,23 @@ class Converter:
 
     # ---- execution ---------------------------------------------------------------------------------------
     def _write_mm(self, result: Result, mm_dir, layout: ParallelLayout, sources: Sources, src_dirs, overwrite, manifest,
-                  resume: bool = False, saved: dict | None = None):
+                  resume: bool = False, saved: dict | None = None, save_format: str = "torch"):
         """``saved``: a training save's ``iteration`` (the output goes to iter_NNNNNNN) and ``args``, kept in
         every shard; without them the output is a ``release`` checkpoint."""
         option = "--cfg.target_dir" if result.command == "resplit" else "--cfg.mm_dir"
         saved = saved or {}
         iteration = saved.get("iteration", "release")
-        doc = self._manifest_doc(result, layout, {**manifest, "iteration": iteration})
+        doc = self._manifest_doc(result, layout, {**manifest, "iteration": iteration, "save_format": save_format})
         if resume and _complete(mm_dir, doc):
             return self._already(result)
         with self._output(mm_dir, option, src_dirs, overwrite, resume=resume, plan_id=doc["plan"]) as out:
             sub = mm_format.iteration_dir_name(iteration)
             todo, kept = self._todo(out, sub + "/", result.files, result)
-            writer = mm_format.ShardWriter(saved)
+            writer = dist.DistWriter() if save_format == "torch_dist" else mm_format.ShardWriter(saved)
             result.bytes = self._execute(todo, out / sub, writer, sources, result.command) + kept
+            if save_format == "torch_dist":
+                dist.write_side_files(out / sub, [(f.path, [(t.key, t.dtype, t.shape) for t in f.slots["model"]])
+                                                  for f in result.files], {"checkpoint_version": 3.0, **saved})
             mm_format.write_tracker(out, iteration)
             finalize(out, doc, expect=[sub + "/" + f.path for f in result.files])
         result.seconds = time.monotonic() - self._t0
@@ -428,11 +449,11 @@ class _RankDone(Exception):
     """A torchrun rank other than 0 has written its files; rank 0 finishes the output."""
 
 
-def check_shards_match(reader: mm_format.MMReader, plan: list[OutputFile]) -> None:
+def check_shards_match(reader, plan: list[OutputFile]) -> None:
     """Each shard holds exactly the tensors (names and shapes) that the layout puts there."""
     for f in plan:
         slots = reader.slots(f.path)
-        path = reader.iter_dir / f.path
+        path = reader.iter_dir if reader.layout_free else reader.iter_dir / f.path
         for slot, tensors in f.slots.items():
             if slot not in slots:
                 raise CheckpointError(f"{path}: no '{slot}' state dict; the layout expects one")
@@ -474,9 +495,34 @@ def copy_non_weight_files(hf_dir, out: Path) -> list[str]:
     return copied
 
 
-def _mm_identity(mm_dir, reader: mm_format.MMReader) -> dict:
-    rels = [os.path.relpath(reader.iter_dir / r, mm_dir) for r in reader.shard_paths()]
+def _mm_identity(mm_dir, reader) -> dict:
+    rels = [os.path.relpath(reader.iter_dir / r, mm_dir) for r in reader.files()]
     return source_identity(mm_dir, rels + [mm_format.TRACKER, MANIFEST])
+
+
+SAVE_FORMATS = ("torch", "torch_dist")
+DIST_FILE_BYTES = 5 * 10**9  # records per .distcp file, at most (one file per writer process)
+
+
+def _save_format(value: str) -> str:
+    if value not in SAVE_FORMATS:
+        raise ConfigError(f"--cfg.save_format {value!r}: expected one of {', '.join(SAVE_FORMATS)}")
+    return value
+
+
+def dist_files(plan: list[OutputFile]) -> list[OutputFile]:
+    """A tp 1, pp 1 plan (one shard) as torch_dist record files ``__K_0.distcp`` of at most DIST_FILE_BYTES
+    each (a file per writer; the cut depends on the model only, so the output does not depend on the workers)."""
+    (shard,) = plan
+    files, current, size = [], [], 0
+    for t in shard.slots["model"]:
+        if current and size + t.nbytes > DIST_FILE_BYTES:
+            files.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += t.nbytes
+    files.append(current)
+    return [OutputFile(f"__{k}_0.distcp", {"model": ts}) for k, ts in enumerate(files)]
 
 
 def _with_layout(saved: dict, layout: ParallelLayout) -> dict:

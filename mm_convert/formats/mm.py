@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from ..layout import ParallelLayout
 from ..plan import Ref, shard_path
 from ..manifest import open_output
-from . import safe_pickle
+from . import dist, safe_pickle
 from .torch_stream import TensorSpec, _archive_name, _first_line, _write_archive, _ZipWriter
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -42,7 +42,7 @@ def resolve_iteration_dir(mm_dir: str | os.PathLike, option: str = "--cfg.mm_dir
     root = Path(mm_dir)
     if not root.is_dir():
         raise CheckpointError(f"{option} {root}: not a directory; expected an MM checkpoint directory")
-    if any(_RANK_DIR.match(p.name) for p in root.iterdir()):
+    if any(_RANK_DIR.match(p.name) for p in root.iterdir()) or dist.is_dist_dir(root):
         return root  # given the iteration directory itself
     tracker = root / TRACKER
     if not tracker.is_file():
@@ -56,8 +56,16 @@ def resolve_iteration_dir(mm_dir: str | os.PathLike, option: str = "--cfg.mm_dir
     return it
 
 
+def open_reader(mm_dir: str | os.PathLike, option: str = "--cfg.mm_dir"):
+    """The reader of an MM checkpoint: its mp_rank_* shards (MMReader), or a torch_dist directory (DistReader)."""
+    it = resolve_iteration_dir(mm_dir, option)
+    return dist.DistReader(it) if dist.is_dist_dir(it) else MMReader(mm_dir, option)
+
+
 class MMReader:
     """Lazy access to the shards of an MM checkpoint."""
+
+    layout_free = False
 
     def __init__(self, mm_dir: str | os.PathLike, option: str = "--cfg.mm_dir"):
         self.iter_dir = resolve_iteration_dir(mm_dir, option)
@@ -83,6 +91,8 @@ class MMReader:
 
     def shard_paths(self) -> list[str]:
         return [shard_path(t, p, self.pp_size) for t in range(self.tp_size) for p in range(self.pp_size)]
+
+    files = shard_paths  # the files read, relative to iter_dir
 
     def slots(self, rel: str) -> dict[str, dict[str, torch.Tensor]]:
         """{slot: state dict} of one shard, without ``_extra_state`` entries."""

@@ -1,0 +1,478 @@
+"""Megatron's ``torch_dist`` checkpoints (torch.distributed.checkpoint, DCP), read and written without Megatron.
+
+    <iteration dir>/metadata.json   {"sharded_backend": "torch_dist", ...}
+    <iteration dir>/common.pt       torch.save of what every rank shares (args, iteration; {} when converted)
+    <iteration dir>/.metadata       pickled DCP Metadata: per key the global shape, dtype and chunks
+                                    (offsets, sizes), and where each chunk's bytes are (file, offset, length)
+    <iteration dir>/__R_K.distcp    chunk records, each a small torch.save zip of one tensor
+
+Keys are global and layout-free: a TP-split tensor is stored as its TP=1 whole (chunks per rank), and the
+layers of a TransformerBlock are stacked: ``<block>.layers.<name>`` has a leading layer axis (chunks per layer).
+So a torch_dist checkpoint reads as an MM checkpoint at tp 1, pp 1 (one virtual shard, ``<block>.layers.<i>.``
+keys), and the planner maps it through the same spec. Tensor bytes are read with plain reads from the chunk
+records, never whole; ``.metadata`` and ``common.pt`` go through the safe unpickler.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import struct
+import zipfile
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from ..layout import ParallelLayout
+from ..plan import Ref, shard_path
+from . import safe_pickle
+from .torch_stream import StreamedTensor, TensorSpec, _write_archive, _ZipWriter
+
+META_JSON = "metadata.json"
+DCP_METADATA = ".metadata"
+COMMON = "common.pt"
+SHARD = shard_path(0, 0, 1)  # the one virtual shard a torch_dist checkpoint reads as
+_STACKED = re.compile(r"^(.*\.layers\.)(?!\d+\.)(.+)$")  # "<block>.layers.<name>", name not starting with a number
+_VIRTUAL = re.compile(r"^(.*\.layers\.)(\d+)\.(.+)$")
+_RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+# Megatron names a layer's norms after the TransformerEngine linear they fuse into, whatever the layer spec
+# (megatron-core's local spec maps them the same way), so checkpoints are interchangeable between specs
+_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+              "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
+def _to_dist_name(name: str) -> str:
+    for ours, theirs in _NORM_KEYS.items():
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name
+
+
+def _from_dist_name(name: str) -> str:
+    for ours, theirs in _NORM_KEYS.items():
+        if name.startswith(theirs):
+            return ours + name[len(theirs):]
+    return name
+
+
+def is_dist_dir(path: Path) -> bool:
+    meta = path / META_JSON
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("sharded_backend") == "torch_dist"
+    except (ValueError, AttributeError):
+        return False
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored chunk of a global tensor: its box and where its contiguous bytes are."""
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    path: str
+    data_offset: int
+
+
+@dataclass(frozen=True)
+class GlobalTensor:
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+
+
+def _fields(obj, where: str) -> dict:
+    if isinstance(obj, safe_pickle.Saved):
+        return obj.fields()
+    raise CheckpointError(f"{where}: expected a DCP metadata record, found {type(obj).__name__}")
+
+
+def read_metadata(it_dir: Path) -> dict[str, GlobalTensor]:
+    """The tensors of a torch_dist directory (byte ranges checked), from its ``.metadata``."""
+    path = it_dir / DCP_METADATA
+    try:
+        with open(path, "rb") as fh:
+            meta = safe_pickle.SafeUnpickler(fh).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; a torch_dist checkpoint needs its DCP metadata")
+    except safe_pickle.UnsafeGlobal as e:
+        raise CheckpointError(f"{path}: refused, its pickle names {e.dotted}, which is not DCP metadata (nothing was run)")
+    except Exception as e:
+        raise CheckpointError(f"{path}: not readable DCP metadata ({type(e).__name__}: {str(e)[:160]})")
+    fields = _fields(meta, str(path))
+    where: dict[tuple[str, tuple[int, ...]], tuple[str, int, int]] = {}
+    for index, info in (fields.get("storage_data") or {}).items():
+        i, s = _fields(index, str(path)), _fields(info, str(path))
+        if i.get("offset") is not None:
+            where[(i["fqn"], tuple(i["offset"]))] = (s["relative_path"], int(s["offset"]), int(s["length"]))
+    out = {}
+    for key, md in (fields.get("state_dict_metadata") or {}).items():
+        f = _fields(md, str(path))
+        if "chunks" not in f:
+            continue  # BytesStorageMetadata: _extra_state and other non-tensor entries
+        props = f.get("properties")
+        state = props.state if isinstance(props, safe_pickle.Saved) else None
+        dtype = state[0] if isinstance(state, tuple) and state else props.fields().get("dtype") if props else None
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"{path}: {key} has no dtype in its properties")
+        chunks = []
+        for c in f["chunks"]:
+            cf = _fields(c, str(path))
+            offsets, sizes = tuple(map(int, cf["offsets"])), tuple(map(int, cf["sizes"]))
+            if (key, offsets) not in where:
+                raise CheckpointError(f"{path}: {key} chunk at {list(offsets)} has no storage entry")
+            rel, start, length = where[(key, offsets)]
+            chunks.append(Chunk(offsets, sizes, str(it_dir / rel), _record_data_offset(it_dir / rel, start, length,
+                                                                                      key, dtype, sizes)))
+        out[key] = GlobalTensor(key, dtype, tuple(map(int, f["size"])), tuple(chunks))
+    return out
+
+
+class _Slice(io.RawIOBase):
+    """A read-only window [start, start + length) of a file, as its own file (zipfile reads one record)."""
+
+    def __init__(self, fh, start: int, length: int):
+        self.fh, self.start, self.length, self.pos = fh, start, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=0):
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
+        return self.pos
+
+    def readinto(self, b):
+        n = max(0, min(len(b), self.length - self.pos))
+        self.fh.seek(self.start + self.pos)
+        data = self.fh.read(n)
+        b[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+class _TensorLayout(safe_pickle.SafeUnpickler):
+    """Unpickles a chunk record's data.pkl into (storage key, dtype, storage offset, size, stride): no data."""
+
+    def persistent_load(self, pid):
+        _, storage, key, _location, numel = pid
+        return ("storage", storage, str(key), int(numel))
+
+    def find_class(self, module, name):
+        if module == "torch" and name.endswith("Storage"):
+            dtype = {v: k for k, v in _storage_names().items()}.get(name)
+            if dtype is None:
+                raise safe_pickle.UnsafeGlobal(f"{module}.{name}")
+            return dtype
+        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
+            return lambda storage, offset, size, stride, *rest: (storage, int(offset), tuple(size), tuple(stride))
+        return super().find_class(module, name)
+
+
+def _storage_names():
+    from .torch_stream import _STORAGE_NAMES
+    return _STORAGE_NAMES
+
+
+def _record_data_offset(path: Path, start: int, length: int, key: str, dtype: torch.dtype, sizes) -> int:
+    """Absolute offset of a chunk's tensor bytes inside its record (a torch.save zip at [start, start+length))."""
+    where = f"{path}: chunk of {key} at byte {start}"
+    try:
+        with open(path, "rb") as fh:
+            window = _Slice(fh, start, length)
+            with zipfile.ZipFile(io.BufferedReader(window)) as z:
+                pkl = next(n for n in z.namelist() if n.endswith("/data.pkl"))
+                storage, offset, size, stride = _TensorLayout(io.BytesIO(z.read(pkl))).load()
+                _, sdtype, skey, numel = storage
+                info = z.getinfo(pkl[: -len("data.pkl")] + f"data/{skey}")
+                fh.seek(start + info.header_offset)
+                head = fh.read(30)
+                name_len, extra_len = struct.unpack("<HH", head[26:30])
+                data = start + info.header_offset + 30 + name_len + extra_len
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{where}: not a readable tensor record ({type(e).__name__}: {str(e)[:120]})")
+    contiguous = tuple(int(prod(size[i + 1:])) for i in range(len(size)))
+    if sdtype != dtype or tuple(size) != tuple(sizes) or (prod(size) > 1 and tuple(stride) != contiguous):
+        raise CheckpointError(f"{where}: holds {sdtype} {list(size)} (stride {list(stride)}), the metadata says "
+                              f"{dtype} {list(sizes)} contiguous")
+    if info.compress_type != zipfile.ZIP_STORED or (offset + prod(size)) * dtype.itemsize > info.file_size \
+            or data + info.file_size > start + length:
+        raise CheckpointError(f"{where}: tensor bytes outside its record (compressed or truncated)")
+    return data + offset * dtype.itemsize
+
+
+class DistReader:
+    """A torch_dist directory read as an MM checkpoint at tp 1, pp 1: one virtual shard, slot ``model``."""
+
+    tp_size = pp_size = 1
+    layout_free = True  # the files hold global tensors: no TP / PP layout to read off or to check
+
+    def __init__(self, it_dir: Path):
+        self.iter_dir = it_dir
+        self.tensors = read_metadata(it_dir)
+        self.virtual: dict[str, tuple[GlobalTensor, int | None]] = {}  # virtual key -> (global, layer or None)
+        for key, g in self.tensors.items():
+            m = _STACKED.match(key)
+            if m and len(g.shape) >= 1:
+                for i in range(g.shape[0]):
+                    self.virtual[f"{m.group(1)}{i}.{_from_dist_name(m.group(2))}"] = (g, i)
+            else:
+                self.virtual[key] = (g, None)
+        if not self.virtual:
+            raise CheckpointError(f"{it_dir / DCP_METADATA}: no tensors")
+        self._meta = {k: torch.empty(self._shape(k), dtype=g.dtype, device="meta") for k, (g, _) in self.virtual.items()}
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        g, layer = self.virtual[key]
+        return g.shape[1:] if layer is not None else g.shape
+
+    def files(self) -> list[str]:
+        """The directory's files, relative to it (for sizes and identity)."""
+        return sorted({os.path.relpath(c.path, self.iter_dir) for g in self.tensors.values() for c in g.chunks}
+                      | {DCP_METADATA, META_JSON} | {n for n in (COMMON, OBJECTS) if (self.iter_dir / n).is_file()})
+
+    def shard_paths(self) -> list[str]:
+        return [SHARD]
+
+    def slots(self, rel: str) -> dict[str, dict[str, torch.Tensor]]:
+        """{"model": {virtual key: meta tensor (shape and dtype only)}}."""
+        return {"model": self._meta}
+
+    def training_state(self) -> dict:
+        common = self.iter_dir / COMMON
+        if not common.is_file():
+            return {}
+        obj = safe_pickle.load(common, mmap=False)
+        out = {}
+        if isinstance(obj, dict) and type(obj.get("iteration")) is int:
+            out["iteration"] = obj["iteration"]
+        if isinstance(obj, dict) and isinstance(obj.get("args"), safe_pickle.SavedNamespace):
+            out["args"] = obj["args"].to_namespace()
+        return out
+
+    def meta(self, ref: Ref) -> tuple[torch.dtype, tuple[int, ...]]:
+        g, _ = self._global(ref)
+        return g.dtype, self._shape(ref.key)
+
+    def _global(self, ref: Ref):
+        try:
+            return self.virtual[ref.key]
+        except KeyError:
+            raise CheckpointError(f"{self.iter_dir}: no tensor {ref.key} in this torch_dist checkpoint")
+
+    def _box(self, ref: Ref, start, shape) -> tuple[GlobalTensor, tuple[int, ...], tuple[int, ...]]:
+        g, layer = self._global(ref)
+        full = self._shape(ref.key)
+        start = tuple(start) if start is not None else (0,) * len(full)
+        shape = tuple(shape) if shape is not None else full
+        if layer is not None:
+            return g, (layer,) + start, (1,) + shape
+        return g, start, shape
+
+    def read(self, ref: Ref, start=None, shape=None) -> torch.Tensor:
+        """A box of a virtual tensor, gathered from the chunks that overlap it (plain reads, no mmap)."""
+        g, lo, size = self._box(ref, start, shape)
+        out = np.empty(size, _RAW[g.dtype.itemsize])
+        covered = 0
+        for c in g.chunks:
+            a = [max(l, o) for l, o in zip(lo, c.offsets)]
+            b = [min(l + s, o + n) for l, s, o, n in zip(lo, size, c.offsets, c.sizes)]
+            if any(x >= y for x, y in zip(a, b)):
+                continue
+            arr = np.memmap(c.path, _RAW[g.dtype.itemsize], "r", c.data_offset, c.sizes)
+            src = arr[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, c.offsets))]
+            out[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = src
+            covered += prod(y - x for x, y in zip(a, b))
+            del arr
+        if covered != prod(size):
+            raise CheckpointError(f"{self.iter_dir}: {g.key}: its chunks cover {covered} of the {prod(size)} "
+                                  f"elements asked for (box at {list(lo)}, size {list(size)})")
+        t = torch.from_numpy(out).view(g.dtype)
+        return t.reshape(size[1:]) if self.virtual[ref.key][1] is not None else t
+
+    def locate(self, ref: Ref):
+        """(file, offset, dtype, shape) where one chunk holds the virtual tensor whole and contiguous, else None."""
+        g, lo, size = self._box(ref, None, None)
+        for c in g.chunks:
+            if tuple(c.sizes[1:]) == tuple(size[1:]) and all(o == 0 for o in c.offsets[1:]) \
+                    and c.offsets[0] <= lo[0] and lo[0] + size[0] <= c.offsets[0] + c.sizes[0]:
+                row = prod(c.sizes[1:]) * g.dtype.itemsize
+                return c.path, c.data_offset + (lo[0] - c.offsets[0]) * row, g.dtype, self._shape(ref.key)
+        return None
+
+    def infer_layout(self, vit_hidden: int | None = None) -> ParallelLayout:
+        raise NotImplementedError  # layout-free: the converter plans it at tp 1, pp 1 from the config
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+def global_key(key: str) -> tuple[str, int | None]:
+    """The torch_dist key of an MM tensor and its layer (``<block>.layers.<i>.<name>`` -> stacked key, i)."""
+    m = _VIRTUAL.match(key)
+    return (m.group(1) + _to_dist_name(m.group(3)), int(m.group(2))) if m else (key, None)
+
+
+def _record_shape(shape, layer) -> tuple[int, ...]:
+    return (1,) + tuple(shape) if layer is not None else tuple(shape)
+
+
+class _Counter:
+    def __init__(self):
+        self.n = 0
+
+    def write(self, b):
+        self.n += len(memoryview(b).cast("B"))
+
+    def tell(self):
+        return self.n
+
+
+class _Relative:
+    """A file seen from ``base``: zip offsets inside a record count from the record's start."""
+
+    def __init__(self, fh, base: int):
+        self.fh, self.base = fh, base
+
+    def write(self, b):
+        return self.fh.write(b)
+
+    def tell(self):
+        return self.fh.tell() - self.base
+
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def _zeros(nbytes: int):
+    for i in range(0, nbytes, len(_ZEROS)):
+        yield _ZEROS[: min(len(_ZEROS), nbytes - i)]
+
+
+def record_length(dtype: torch.dtype, shape) -> int:
+    """Bytes of one chunk record holding a tensor of ``dtype`` and ``shape`` (what write_records writes)."""
+    sink = _Counter()
+    nbytes = prod(shape) * dtype.itemsize
+    _write_archive(_ZipWriter(sink, "archive"), TensorSpec(dtype, tuple(shape)),
+                   lambda p, s: StreamedTensor(dtype, tuple(shape), lambda: _zeros(nbytes), lambda: 0))
+    return sink.n
+
+
+def write_records(fh, entries, produce) -> None:
+    """Chunk records, one per MM tensor in ``entries`` (key, dtype, shape), each a torch.save zip of the tensor
+    (with a leading layer axis of 1 for a layer's tensor), streamed from ``produce(i)``."""
+    for i, (key, dtype, shape) in enumerate(entries):
+        _, layer = global_key(key)
+        rshape = _record_shape(shape, layer)
+
+        def stream(p, s, i=i, rshape=rshape):
+            t = produce(i)
+            if isinstance(t, StreamedTensor):
+                return StreamedTensor(t.dtype, rshape, t.chunks, t.crc32)
+            return t.reshape(rshape)
+        _write_archive(_ZipWriter(_Relative(fh, fh.tell()), "archive"), TensorSpec(dtype, rshape), stream)
+
+
+def dcp_metadata(files: list[tuple[str, list[tuple[str, torch.dtype, tuple[int, ...]]]]]) -> bytes:
+    """The pickled DCP ``Metadata`` for records written by write_records into ``files`` [(file name, entries)]:
+    global shapes (layers stacked), one chunk per record, and each record's byte range."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
+                                                       TensorProperties, TensorStorageMetadata)
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    chunks: dict[str, list] = {}
+    storage = {}
+    for name, entries in files:
+        pos = 0
+        for key, dtype, shape in entries:
+            gkey, layer = global_key(key)
+            rshape = _record_shape(shape, layer)
+            offsets = (layer,) + (0,) * len(shape) if layer is not None else (0,) * len(shape)
+            length = record_length(dtype, rshape)
+            chunks.setdefault(gkey, []).append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(rshape)))
+            storage[MetadataIndex(gkey, torch.Size(offsets))] = _StorageInfo(name, pos, length)
+            pos += length
+    globals_ = _global_shapes(files)
+    shapes = {k: list(g.shape) for k, g in globals_.items()}
+    dtypes = {k: g.dtype for k, g in globals_.items()}
+    sd_meta = {k: TensorStorageMetadata(TensorProperties(dtype=dtypes[k]), torch.Size(shapes[k]),
+                                        sorted(c, key=lambda c: tuple(c.offsets)))
+               for k, c in chunks.items()}
+    pos = 0
+    for key, data in extra_state_objects(shapes):
+        sd_meta[key] = BytesStorageMetadata()
+        storage[MetadataIndex(key)] = _StorageInfo(OBJECTS, pos, len(data))
+        pos += len(data)
+    return pickle.dumps(Metadata(state_dict_metadata=sd_meta, storage_data=storage))
+
+
+OBJECTS = "__objects.distcp"  # the byte records of non-tensor entries (layers' _extra_state)
+
+
+def extra_state_objects(shapes: dict[str, list[int]]) -> list[tuple[str, bytes]]:
+    """Megatron keeps an ``_extra_state`` object per linear module of every layer (TransformerEngine's FP8
+    metadata; None otherwise), sharded over the layer axis as ``<module>._extra_state/shard_<i>_<layers>``;
+    its loader asks for them. Written as ``torch.save([None])``, what a layer without FP8 state saves."""
+    buf = io.BytesIO()
+    torch.save([None], buf)  # megatron stores a list: one object per local shard
+    out = []
+    for key, shape in shapes.items():
+        m = _STACKED.match(key)
+        module = key[: -len("weight")] if key.endswith(".weight") else None
+        if m and module and module.rsplit(".", 2)[-2].startswith("linear_"):
+            out += [(f"{module}_extra_state/shard_{i}_{shape[0]}", buf.getvalue()) for i in range(shape[0])]
+    return out
+
+
+def write_side_files(it_dir: Path, files, common: dict | None = None) -> None:
+    """``.metadata``, the extra-state records, ``metadata.json`` and ``common.pt`` beside the tensor records
+    (after they are written)."""
+    meta = dcp_metadata(files)
+    shapes = {k: list(g.shape) for k, g in _global_shapes(files).items()}
+    with open(it_dir / OBJECTS, "wb") as fh:
+        for _, data in extra_state_objects(shapes):
+            fh.write(data)
+    (it_dir / DCP_METADATA).write_bytes(meta)
+    (it_dir / META_JSON).write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                "common_backend": "torch", "common_backend_version": 1}))
+    torch.save(common or {}, it_dir / COMMON)
+
+
+def _global_shapes(files) -> dict[str, GlobalTensor]:
+    """Global key -> dtype and shape (layers stacked) of the MM tensors in ``files`` [(file name, entries)]."""
+    out: dict[str, GlobalTensor] = {}
+    for _, entries in files:
+        for key, dtype, shape in entries:
+            gkey, layer = global_key(key)
+            if layer is None:
+                out[gkey] = GlobalTensor(gkey, dtype, tuple(shape), ())
+            else:
+                layers = max(out[gkey].shape[0] if gkey in out else 0, layer + 1)
+                out[gkey] = GlobalTensor(gkey, dtype, (layers,) + tuple(shape), ())
+    return out
+
+
+class DistWriter:
+    """Writes one planned file of a torch_dist output: chunk records (no CRC to compute while streaming;
+    each record is a small zip whose own CRC the record writer computes)."""
+
+    zip_records = False
+
+    def write(self, path: Path, slots, produce) -> int:
+        from ..manifest import open_output
+        entries = slots["model"]
+        with open_output(path) as fh:
+            write_records(fh, entries, lambda i: produce("model", i))
+        return fh.size
