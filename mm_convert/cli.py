@@ -188,19 +188,24 @@ def _make_group(name: str, cls) -> click.Group:
     @_cfg("mm_dir", "mm_dir", required=True, metavar="DIR", help="output MM checkpoint directory")
     @_cfg("hf_config.hf_dir", "hf_dir", required=True, metavar="DIR", help="input Hugging Face checkpoint (config.json + safetensors)")
     @_layout_options("parallel_config", "", True)
+    @_cfg("save_format", "save_format", default="torch", show_default=True, type=click.Choice(["torch", "torch_dist"]),
+          help="torch: mp_rank_* shards in the layout given; torch_dist: Megatron's distributed checkpoint "
+               "(global tensors, any TP / PP chosen when Megatron loads it)")
     @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
     @_resume
     @_workers
     @_common
     @click.pass_context
-    def hf_to_mm(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, overwrite, resume, quiet, debug):
-        """Convert an HF checkpoint into MM shards (release/mp_rank_*/model_optim_rng.pt).
+    def hf_to_mm(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, save_format, overwrite, resume,
+                 quiet, debug):
+        """Convert an HF checkpoint into MM shards (release/mp_rank_*/model_optim_rng.pt), or with
+        --cfg.save_format torch_dist into Megatron's torch_dist format (release/*.distcp + .metadata).
 
         Every tensor is placed by the layer lists and split by the TP size; the layout is checked against
         config.json first (sums, shapes, vision before LLM, TP divisibility)."""
         conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
-        r = _run(ctx, lambda: conv.hf_to_mm(hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, overwrite=overwrite,
-                                            resume=resume))
+        r = _run(ctx, lambda: conv.hf_to_mm(hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
+                                            save_format=save_format, overwrite=overwrite, resume=resume))
         _print_result(r, quiet)
 
     @group.command("mm_to_hf")
@@ -289,7 +294,7 @@ def _make_group(name: str, cls) -> click.Group:
         conv = cls(progress=False)
         calls = {
             "hf_to_mm": lambda: conv.hf_to_mm(p["hf_dir"], p["mm_dir"], p["tp_size"], p["llm_pp_layers"], p["vit_pp_layers"],
-                                              p["vit_tp_size"], dry_run=True),
+                                              p["vit_tp_size"], save_format=p["save_format"], dry_run=True),
             "mm_to_hf": lambda: conv.mm_to_hf(p["mm_dir"], p["save_hf_dir"], p["hf_dir"], p["tp_size"], p["llm_pp_layers"],
                                               p["vit_pp_layers"], p["vit_tp_size"], max_shard_size=p["max_shard_size"], dry_run=True),
             "resplit": lambda: conv.resplit(p["source_dir"], p["target_dir"], p["tp_size"], p["llm_pp_layers"], p["vit_pp_layers"],

@@ -133,3 +133,45 @@ def test_our_torch_dist_loads_in_megatron_and_dcp(world, tiny, conv, tmp_path):
     assert len(state) == len({global_key(k)[0] for k in sd})
     conv.mm_to_hf(out, tmp_path / "back", hf_dir=hf)
     assert_same_tensors(load_hf_tensors(hf), load_hf_tensors(tmp_path / "back"), "ours torch_dist -> HF")
+
+
+def test_cli_save_format_torch_dist_and_back(tiny, tmp_path):
+    """The command line: hf_to_mm --cfg.save_format torch_dist, then mm_to_hf of it; a wrong value is one line."""
+    from click.testing import CliRunner
+    from mm_convert.cli import main
+    hf, _ = tiny
+    run = CliRunner().invoke
+    r = run(main, ["Qwen2_5_VLConverter", "hf_to_mm", "--cfg.mm_dir", str(tmp_path / "d"), "--cfg.hf_config.hf_dir",
+                   str(hf), "--cfg.save_format", "torch_dist", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "d" / "release").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__objects.distcp", "common.pt", "metadata.json"]
+    r = run(main, ["Qwen2_5_VLConverter", "mm_to_hf", "--cfg.mm_dir", str(tmp_path / "d"),
+                   "--cfg.save_hf_dir", str(tmp_path / "back"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert_same_tensors(load_hf_tensors(hf), load_hf_tensors(tmp_path / "back"), "cli torch_dist")
+    r = run(main, ["Qwen2_5_VLConverter", "hf_to_mm", "--cfg.mm_dir", str(tmp_path / "e"), "--cfg.hf_config.hf_dir",
+                   str(hf), "--cfg.save_format", "dcp"])
+    assert r.exit_code == 2 and "--cfg.save_format" in r.output and not (tmp_path / "e").exists()
+
+
+def test_torch_dist_record_corrupt_metadata_is_one_line(tiny, conv, tmp_path):
+    """A .metadata whose record range points outside its file, and a .metadata naming a code global: refused,
+    naming the file."""
+    import pickle
+    from mm_convert.errors import CheckpointError
+    hf, _ = tiny
+    conv.hf_to_mm(hf, tmp_path / "d", save_format="torch_dist")
+    it = tmp_path / "d" / "release"
+    data = it.joinpath("__0_0.distcp").read_bytes()
+    it.joinpath("__0_0.distcp").write_bytes(data[: len(data) // 2])  # truncated records file
+    with pytest.raises(CheckpointError, match="__0_0.distcp: chunk of .* not a readable tensor record|outside its record"):
+        conv.mm_to_hf(tmp_path / "d", tmp_path / "back", hf_dir=hf)
+    assert not (tmp_path / "back").exists()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran",))
+    it.joinpath(".metadata").write_bytes(pickle.dumps(Evil(), protocol=2))
+    with pytest.raises(CheckpointError, match=r"\.metadata: refused, its pickle names __builtin__.print"):
+        conv.mm_to_hf(tmp_path / "d", tmp_path / "back", hf_dir=hf)
