@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from helpers import assert_same_tensors, load_hf_tensors, load_mm_shards
+from mm_convert.formats import safe_pickle
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron.core") is None,
                                 reason="megatron-core is not installed")
@@ -85,15 +86,21 @@ def _cpu_only_save(monkeypatch):
         monkeypatch.setattr(fsa, "_process_memory", lambda: 0)
 
 
-def test_megatron_saved_torch_dist_converts_to_hf(world, tiny, conv, tmp_path, monkeypatch):
+@pytest.mark.parametrize("singleton", [False, True], ids=["default", "singleton_local_shards"])
+def test_megatron_saved_torch_dist_converts_to_hf(world, tiny, conv, tmp_path, monkeypatch, singleton):
+    """(singleton_local_shards: megatron stores the gated fc1 as two keys, linear_fc1.weight_w / _v.)"""
     from megatron.core import dist_checkpointing
     _cpu_only_save(monkeypatch)
     hf, sd = tiny
     model = _gpt(world, {k: v for k, v in sd.items() if k.startswith(PREFIX)})
-    sharded = {**model.sharded_state_dict(prefix=PREFIX), **_vision_sharded(sd)}
+    metadata = {"singleton_local_shards": True} if singleton else None
+    sharded = {**model.sharded_state_dict(prefix=PREFIX, metadata=metadata), **_vision_sharded(sd)}
     ckpt = tmp_path / "megatron_dist"
     ckpt.mkdir()
     dist_checkpointing.save(sharded, str(ckpt))
+    with open(ckpt / ".metadata", "rb") as fh:
+        stored = safe_pickle.SafeUnpickler(fh).load().fields()["state_dict_metadata"]
+    assert any(k.endswith("linear_fc1.weight_w") for k in stored) == singleton
     conv.mm_to_hf(ckpt, tmp_path / "back", hf_dir=hf)
     assert_same_tensors(load_hf_tensors(hf), load_hf_tensors(tmp_path / "back"), "megatron torch_dist -> HF")
     assert conv.verify(hf, ckpt).ok

@@ -238,8 +238,8 @@ def test_produce_mismatch_raises_and_removes_file(tmp_path, bad, msg):
 
 
 def test_rejects_objects_weights_only_cannot_load(tmp_path):
-    with pytest.raises(TypeError, match="args"):
-        write_torch_file(tmp_path / "n.pt", {"args": argparse.Namespace(a=1)})
+    with pytest.raises(TypeError, match="args/x"):  # a Namespace (Megatron's args) is written, its values checked
+        write_torch_file(tmp_path / "n.pt", {"args": argparse.Namespace(a=1, x=object())})
     with pytest.raises(TypeError, match="model/lr"):
         write_torch_file(tmp_path / "n.pt", {"model": {"lr": np.float64(1.0)}})
     if hasattr(torch, "uint16"):
@@ -430,3 +430,15 @@ def test_zip64_record_larger_than_4gib(tmp_path, monkeypatch):
             got = torch.load(path, weights_only=True, mmap=True)
         assert got["huge"].shape == (size,) and got["huge"][-1].item() == 0
         assert torch.equal(got["small"], small)
+
+
+def test_megatron_args_namespace_is_written_and_read_back_safely(tmp_path):
+    """A training save's args (argparse.Namespace of plain values and dtypes) as resplit keeps it: written by the
+    stream writer, read by the safe unpickler as inert attributes, by torch.load(weights_only=False) as a Namespace."""
+    from mm_convert.formats import safe_pickle
+    args = argparse.Namespace(tensor_model_parallel_size=2, params_dtype=torch.bfloat16, data_path=["a"], lr=1e-5)
+    write_torch_file(tmp_path / "a.pt", {"args": args, "iteration": 7, "model": {"w": torch.arange(3.0)}})
+    got = safe_pickle.load(tmp_path / "a.pt")
+    assert got["args"].to_namespace() == args and got["iteration"] == 7
+    assert torch.load(tmp_path / "a.pt", weights_only=False)["args"] == args
+

@@ -110,6 +110,9 @@ def read_metadata(it_dir: Path) -> dict[str, GlobalTensor]:
     where: dict[tuple[str, tuple[int, ...]], tuple[str, int, int]] = {}
     for index, info in (fields.get("storage_data") or {}).items():
         i, s = _fields(index, str(path)), _fields(info, str(path))
+        if s.get("transform_descriptors"):
+            raise CheckpointError(f"{path}: {i['fqn']} is stored through stream transforms "
+                                  f"{list(s['transform_descriptors'])} (compression); only plain records are read")
         if i.get("offset") is not None:
             where[(i["fqn"], tuple(i["offset"]))] = (s["relative_path"], int(s["offset"]), int(s["length"]))
     out = {}
@@ -132,6 +135,23 @@ def read_metadata(it_dir: Path) -> dict[str, GlobalTensor]:
             chunks.append(Chunk(offsets, sizes, str(it_dir / rel), _record_data_offset(it_dir / rel, start, length,
                                                                                       key, dtype, sizes)))
         out[key] = GlobalTensor(key, dtype, tuple(map(int, f["size"])), tuple(chunks))
+    return _join_glu_halves(out)
+
+
+def _join_glu_halves(tensors: dict[str, GlobalTensor]) -> dict[str, GlobalTensor]:
+    """Megatron's ``singleton_local_shards`` option stores a gated fc1 as ``<name>_w`` (gate) and ``<name>_v``
+    (up); joined here into ``<name>`` = [gate; up] along the output rows, as the other saves store it."""
+    out = dict(tensors)
+    for key, w in tensors.items():
+        v = tensors.get(key[:-2] + "_v")
+        if not key.endswith("_w") or v is None or v.shape != w.shape or v.dtype != w.dtype:
+            continue
+        axis = 1 if _STACKED.match(key) else 0
+        shift = lambda c: Chunk(c.offsets[:axis] + (c.offsets[axis] + w.shape[axis],) + c.offsets[axis + 1:],
+                                c.sizes, c.path, c.data_offset)
+        shape = w.shape[:axis] + (2 * w.shape[axis],) + w.shape[axis + 1:]
+        out[key[:-2]] = GlobalTensor(key[:-2], w.dtype, shape, w.chunks + tuple(map(shift, v.chunks)))
+        del out[key], out[key[:-2] + "_v"]
     return out
 
 
@@ -227,9 +247,12 @@ class DistReader:
         self.virtual: dict[str, tuple[GlobalTensor, int | None]] = {}  # virtual key -> (global, layer or None)
         for key, g in self.tensors.items():
             m = _STACKED.match(key)
+            per_layer = _VIRTUAL.match(key)  # unstacked (singleton_local_shards): "<block>.layers.<i>.<name>"
             if m and len(g.shape) >= 1:
                 for i in range(g.shape[0]):
                     self.virtual[f"{m.group(1)}{i}.{_from_dist_name(m.group(2))}"] = (g, i)
+            elif per_layer:
+                self.virtual[f"{per_layer.group(1)}{per_layer.group(2)}.{_from_dist_name(per_layer.group(3))}"] = (g, None)
             else:
                 self.virtual[key] = (g, None)
         if not self.virtual:
