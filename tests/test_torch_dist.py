@@ -24,18 +24,8 @@ PREFIX = "text_decoder."
 LAYOUT = dict(tp_size=2, llm_pp_layers=[[1, 3]], vit_pp_layers=[[4, 0]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _undo_megatron_safe_globals():
-    from torch import serialization
-    saved = list(serialization.get_safe_globals())
-    try:
-        yield
-    finally:
-        serialization.clear_safe_globals()
-        serialization.add_safe_globals(saved)
-
-
-from test_megatron_load import megatron_world as world  # noqa: E402  (the same gloo world, a fixture)
+# the gloo world, and the autouse restore of torch's safe-globals list that importing megatron changes
+from test_megatron_load import _undo_megatron_safe_globals, megatron_world as world  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
