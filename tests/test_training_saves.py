@@ -22,6 +22,10 @@ from mm_convert.cli import main
 from mm_convert.formats import safe_pickle
 from mm_convert.formats.mm import load_torch_file
 
+# importing megatron (its enums go into the args below) adds torch safe globals for the whole process; restored
+# after this module like test_megatron_load does
+from test_megatron_load import _undo_megatron_safe_globals  # noqa: E402,F401
+
 ITERATION = 100
 LAYOUTS = {
     "tp2_pp2": dict(tp_size=2, llm_pp_layers=[[1, 3]], vit_pp_layers=[[4, 0]]),

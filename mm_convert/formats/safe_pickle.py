@@ -192,9 +192,10 @@ def _path(*parts):
     return str(pathlib.PurePosixPath(*map(str, parts)))  # a pathlib path becomes the string it stands for
 
 
-def _torch_attr(name: str):
+def _torch_attr(name: str, kinds=(torch.dtype, torch.layout, torch.memory_format)):
+    """A torch constant (dtype, layout, memory format) or one of the few torch types pickles name."""
     value = getattr(torch, name, None)
-    if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+    if isinstance(value, kinds):
         return value
     return {"Size": torch.Size, "Tensor": torch.Tensor, "device": torch.device}.get(name)
 
@@ -231,8 +232,7 @@ _TABLE: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
     ("torch.nn.parameter", "Parameter"): _Parameter,
-    ("torch.serialization", "_get_layout"): lambda name: getattr(torch, str(name).replace("torch.", ""), None)
-    if isinstance(getattr(torch, str(name).replace("torch.", ""), None), torch.layout) else None,
+    ("torch.serialization", "_get_layout"): lambda name: _torch_attr(str(name).replace("torch.", ""), torch.layout),
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("collections", "Counter"): collections.Counter,
     ("collections", "defaultdict"): _defaultdict,
