@@ -153,8 +153,15 @@ class Converter:
         check_coverage(files)
         return files
 
+    def _global_layout(self, dims, option) -> ParallelLayout:
+        """tp 1, pp 1: how a checkpoint of global tensors (torch_dist) is read and written."""
+        return self._layout(dims, 1, [[dims.layers]], [[dims.vit_layers]], 0, option)
+
     def _shard_layout(self, reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, option, prefix):
-        """The layout read off the shards, checked against the config; values the user gave must match it."""
+        """The layout read off the shards, checked against the config; values the user gave must match it.
+        A torch_dist source has no layout of its own: it reads as tp 1, pp 1."""
+        if reader.layout_free:
+            return self._global_layout(dims, option)
         found = reader.infer_layout(dims.vit_hidden)
 
         def lists(given, have):
@@ -185,11 +192,8 @@ class Converter:
             raise ConfigError(f"{option} {mm_dir}: no {MANIFEST} with the model config; pass --cfg.hf_config.hf_dir "
                               f"(the original HF directory, for its config.json)")
         dims = self._dims(cfg, source)
-        if reader.layout_free:  # torch_dist: global tensors, read as tp 1, pp 1
-            layout = self._layout(dims, 1, [[dims.layers]], [[dims.vit_layers]], 0, f"{option} {mm_dir}")
-        else:
-            layout = self._shard_layout(reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                        f"{option} {mm_dir}", prefix)
+        layout = self._shard_layout(reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
+                                    f"{option} {mm_dir}", prefix)
         shapes = self.spec.hf_shapes(dims)
         plan = self._mm_plan(dims, layout, shapes, {n: None for n in shapes})
         check_shards_match(reader, plan)
@@ -209,7 +213,7 @@ class Converter:
         cfg, dims, reader, shapes, dtypes = self._open_hf(hf_dir)
         layout = self._layout(dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, "--cfg.parallel_config")
         if _save_format(save_format) == "torch_dist":
-            layout = self._layout(dims, 1, [[dims.layers]], [[dims.vit_layers]], 0, "--cfg.parallel_config")
+            layout = self._global_layout(dims, "--cfg.parallel_config")
             files = dist_files(self._mm_plan(dims, layout, shapes, dtypes))
             result = Result("hf_to_mm", str(mm_dir), "torch_dist (global tensors)", files)
         else:
@@ -307,11 +311,8 @@ class Converter:
     def _verify_tensors(self, report, hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size) -> VerifyReport:
         cfg, dims, hf_reader, shapes, dtypes = self._open_hf(hf_dir)
         reader = mm_format.open_reader(mm_dir)
-        if reader.layout_free:
-            layout = self._layout(dims, 1, [[dims.layers]], [[dims.vit_layers]], 0, "--cfg.mm_dir")
-        else:
-            layout = self._shard_layout(reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                        "--cfg.mm_dir", "--cfg.parallel_config")
+        layout = self._shard_layout(reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
+                                    "--cfg.mm_dir", "--cfg.parallel_config")
         plan = self._mm_plan(dims, layout, shapes, dtypes)
         used = set()
         hf_sources = Sources(hf=hf_reader)

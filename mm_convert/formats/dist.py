@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..layout import ParallelLayout
 from ..plan import Ref, shard_path
 from . import safe_pickle
-from .torch_stream import StreamedTensor, TensorSpec, _write_archive, _ZipWriter
+from ..manifest import open_output
+from .torch_stream import _STORAGE_NAMES, StreamedTensor, TensorSpec, _write_archive, _ZipWriter
 
 META_JSON = "metadata.json"
 DCP_METADATA = ".metadata"
@@ -183,6 +183,9 @@ class _Slice(io.RawIOBase):
         return len(data)
 
 
+_STORAGE_DTYPES = {name: dtype for dtype, name in _STORAGE_NAMES.items()}
+
+
 class _TensorLayout(safe_pickle.SafeUnpickler):
     """Unpickles a chunk record's data.pkl into (storage key, dtype, storage offset, size, stride): no data."""
 
@@ -192,18 +195,13 @@ class _TensorLayout(safe_pickle.SafeUnpickler):
 
     def find_class(self, module, name):
         if module == "torch" and name.endswith("Storage"):
-            dtype = {v: k for k, v in _storage_names().items()}.get(name)
+            dtype = _STORAGE_DTYPES.get(name)
             if dtype is None:
                 raise safe_pickle.UnsafeGlobal(f"{module}.{name}")
             return dtype
         if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
             return lambda storage, offset, size, stride, *rest: (storage, int(offset), tuple(size), tuple(stride))
         return super().find_class(module, name)
-
-
-def _storage_names():
-    from .torch_stream import _STORAGE_NAMES
-    return _STORAGE_NAMES
 
 
 def _record_data_offset(path: Path, start: int, length: int, key: str, dtype: torch.dtype, sizes) -> int:
@@ -337,9 +335,6 @@ class DistReader:
                 return c.path, c.data_offset + (lo[0] - c.offsets[0]) * row, g.dtype, self._shape(ref.key)
         return None
 
-    def infer_layout(self, vit_hidden: int | None = None) -> ParallelLayout:
-        raise NotImplementedError  # layout-free: the converter plans it at tp 1, pp 1 from the config
-
 
 # ---- writing ------------------------------------------------------------------------------------------------
 def global_key(key: str) -> tuple[str, int | None]:
@@ -408,13 +403,14 @@ def write_records(fh, entries, produce) -> None:
         _write_archive(_ZipWriter(_Relative(fh, fh.tell()), "archive"), TensorSpec(dtype, rshape), stream)
 
 
-def dcp_metadata(files: list[tuple[str, list[tuple[str, torch.dtype, tuple[int, ...]]]]]) -> bytes:
-    """The pickled DCP ``Metadata`` for records written by write_records into ``files`` [(file name, entries)]:
-    global shapes (layers stacked), one chunk per record, and each record's byte range."""
+def dcp_metadata(files: list[tuple[str, list[tuple[str, torch.dtype, tuple[int, ...]]]]],
+                 objects: list[tuple[str, bytes]]) -> bytes:
+    """The pickled DCP ``Metadata`` for records written by write_records into ``files`` [(file name, entries)]
+    and the byte records ``objects`` [(key, bytes)] written in that order into OBJECTS: global shapes (layers
+    stacked), one chunk per record, and each record's byte range."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
-                                                       TensorProperties, TensorStorageMetadata)
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, TensorProperties, TensorStorageMetadata)
     chunks: dict[str, list] = {}
     storage = {}
     for name, entries in files:
@@ -422,19 +418,16 @@ def dcp_metadata(files: list[tuple[str, list[tuple[str, torch.dtype, tuple[int, 
         for key, dtype, shape in entries:
             gkey, layer = global_key(key)
             rshape = _record_shape(shape, layer)
-            offsets = (layer,) + (0,) * len(shape) if layer is not None else (0,) * len(shape)
+            offsets = torch.Size((layer or 0,) + (0,) * (len(rshape) - 1)) if rshape else torch.Size(())
             length = record_length(dtype, rshape)
-            chunks.setdefault(gkey, []).append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(rshape)))
-            storage[MetadataIndex(gkey, torch.Size(offsets))] = _StorageInfo(name, pos, length)
+            chunks.setdefault(gkey, []).append(ChunkStorageMetadata(offsets, torch.Size(rshape)))
+            storage[MetadataIndex(gkey, offsets)] = _StorageInfo(name, pos, length)
             pos += length
-    globals_ = _global_shapes(files)
-    shapes = {k: list(g.shape) for k, g in globals_.items()}
-    dtypes = {k: g.dtype for k, g in globals_.items()}
-    sd_meta = {k: TensorStorageMetadata(TensorProperties(dtype=dtypes[k]), torch.Size(shapes[k]),
-                                        sorted(c, key=lambda c: tuple(c.offsets)))
-               for k, c in chunks.items()}
+    sd_meta = {k: TensorStorageMetadata(TensorProperties(dtype=g.dtype), torch.Size(g.shape),
+                                        sorted(chunks[k], key=lambda c: tuple(c.offsets)))
+               for k, g in _global_shapes(files).items()}
     pos = 0
-    for key, data in extra_state_objects(shapes):
+    for key, data in objects:
         sd_meta[key] = BytesStorageMetadata()
         storage[MetadataIndex(key)] = _StorageInfo(OBJECTS, pos, len(data))
         pos += len(data)
@@ -444,30 +437,29 @@ def dcp_metadata(files: list[tuple[str, list[tuple[str, torch.dtype, tuple[int, 
 OBJECTS = "__objects.distcp"  # the byte records of non-tensor entries (layers' _extra_state)
 
 
-def extra_state_objects(shapes: dict[str, list[int]]) -> list[tuple[str, bytes]]:
+def extra_state_objects(tensors: dict[str, GlobalTensor]) -> list[tuple[str, bytes]]:
     """Megatron keeps an ``_extra_state`` object per linear module of every layer (TransformerEngine's FP8
     metadata; None otherwise), sharded over the layer axis as ``<module>._extra_state/shard_<i>_<layers>``;
     its loader asks for them. Written as ``torch.save([None])``, what a layer without FP8 state saves."""
     buf = io.BytesIO()
     torch.save([None], buf)  # megatron stores a list: one object per local shard
     out = []
-    for key, shape in shapes.items():
-        m = _STACKED.match(key)
+    for key, g in tensors.items():
         module = key[: -len("weight")] if key.endswith(".weight") else None
-        if m and module and module.rsplit(".", 2)[-2].startswith("linear_"):
-            out += [(f"{module}_extra_state/shard_{i}_{shape[0]}", buf.getvalue()) for i in range(shape[0])]
+        if _STACKED.match(key) and module and module.rsplit(".", 2)[-2].startswith("linear_"):
+            layers = g.shape[0]
+            out += [(f"{module}_extra_state/shard_{i}_{layers}", buf.getvalue()) for i in range(layers)]
     return out
 
 
 def write_side_files(it_dir: Path, files, common: dict | None = None) -> None:
     """``.metadata``, the extra-state records, ``metadata.json`` and ``common.pt`` beside the tensor records
     (after they are written)."""
-    meta = dcp_metadata(files)
-    shapes = {k: list(g.shape) for k, g in _global_shapes(files).items()}
+    objects = extra_state_objects(_global_shapes(files))
     with open(it_dir / OBJECTS, "wb") as fh:
-        for _, data in extra_state_objects(shapes):
+        for _, data in objects:
             fh.write(data)
-    (it_dir / DCP_METADATA).write_bytes(meta)
+    (it_dir / DCP_METADATA).write_bytes(dcp_metadata(files, objects))
     (it_dir / META_JSON).write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                                                 "common_backend": "torch", "common_backend_version": 1}))
     torch.save(common or {}, it_dir / COMMON)
@@ -494,7 +486,6 @@ class DistWriter:
     zip_records = False
 
     def write(self, path: Path, slots, produce) -> int:
-        from ..manifest import open_output
         entries = slots["model"]
         with open_output(path) as fh:
             write_records(fh, entries, lambda i: produce("model", i))
