@@ -224,3 +224,26 @@ def test_safe_loader_other_data_training_saves_hold(tmp_path):
     assert dict(got["d"]) == {"k": [1]} and got["d"].default_factory is None
     assert got["g"].dotted == "torch.Generator" and got["s"] == np.float32(2.5) and got["b"] == b"\x00\xff"
     assert torch.equal(got["t"], obj["t"])
+
+
+def test_finetune_loads_training_save_weights_only(saves, tmp_path, capfd):
+    """`finetune --load` of a Megatron save (4 ranks, tp2 x pp2): its weights are loaded, its optimizer /
+    scheduler / RNG (another trainer's formats) are not; training starts at iteration 0 and saves iteration 1.
+    (About 15 s: four gloo ranks start and take one step.)"""
+    from train.finetune import main as finetune
+    from train.saving import is_own_save
+    from train.toydata import make_caption_set
+    hf, save = saves["tp2_pp2"]
+    assert not is_own_save(load_torch_file(_shard(save)))
+    data = make_caption_set(tmp_path / "data", 4, hf)
+    finetune([str(a) for a in ["--nproc", 4, "--data-config", data, "--load", save, "--train-iters", 1,
+                               "--save", tmp_path / "out", "--global-batch-size", 1, "--micro-batch-size", 1,
+                               "--lr", "0"]])
+    assert "a training save of another trainer" in capfd.readouterr().out
+    own = load_torch_file(next((tmp_path / "out" / "iter_0000001").glob("mp_rank_*/model_optim_rng.pt")))
+    assert is_own_save(own) and own["iteration"] == 1
+    # lr 0: the step changed nothing, so the save holds the Megatron save's weights exactly
+    src = load_torch_file(_shard(save).parent.parent / next((tmp_path / "out" / "iter_0000001").glob("mp_rank_*")).name
+                          / "model_optim_rng.pt")
+    assert_same_tensors({k: v for k, v in own["model"].items()},
+                        {k: v for k, v in src["model"].items() if not k.endswith("_extra_state")}, "weights")
