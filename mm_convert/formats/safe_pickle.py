@@ -112,10 +112,10 @@ class SavedBytes(Saved):
 _saved_classes: dict[str, type] = {}
 
 
-def saved_class(dotted: str, base: type = Saved) -> type:
+def saved_class(dotted: str) -> type:
     """The :class:`Saved` subclass standing for the class ``dotted`` (one per name, made on first use)."""
     if dotted not in _saved_classes:
-        _saved_classes[dotted] = type(dotted.rsplit(".", 1)[-1], (base,), {"dotted": dotted, "__module__": __name__})
+        _saved_classes[dotted] = type(dotted.rsplit(".", 1)[-1], (Saved,), {"dotted": dotted, "__module__": __name__})
     return _saved_classes[dotted]
 
 
