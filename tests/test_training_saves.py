@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from helpers import assert_same_tensors, load_hf_tensors
 from mm_convert.cli import main
 from mm_convert.formats import safe_pickle
-from mm_convert.formats.mm import load_torch_file
+from mm_convert.formats.mm import MMReader, load_torch_file
 
 # importing megatron (its enums go into the args below) adds torch safe globals for the whole process; restored
 # after this module like test_megatron_load does
@@ -64,8 +64,8 @@ def make_training_save(release_dir: Path, out: Path, extra_global=None) -> Path:
     does), optionally with ``extra_global`` (an object whose pickle names a global) under ``args``."""
     it = out / f"iter_{ITERATION:07d}"
     shards = sorted((release_dir / "release").glob("mp_rank_*/model_optim_rng.pt"))
-    pp = len({p.parent.name[11:] for p in shards}) if "_" in shards[0].parent.name[8:] else 1
-    tp = len(shards) // pp
+    layout = MMReader(release_dir)
+    tp, pp = layout.tp_size, layout.pp_size
     for shard in shards:
         obj = torch.load(shard, weights_only=True)
         slots = {k: _with_extra_state(v) for k, v in obj.items() if k.startswith("model")}
