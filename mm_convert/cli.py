@@ -25,6 +25,8 @@ LAYOUT_HELP = {
     "vit_tp_size": "tensor-parallel size of the vision encoder; 0 = same as tp_size; must divide tp_size",
     "llm_pp_layers": "LLM layers per pipeline stage: [1,10,10,7] or nested per virtual chunk [[0,1],[1,2]]",
     "vit_pp_layers": "vision layers per stage, same shape as llm_pp_layers; vision comes first, e.g. [[32,0,0,0]]",
+    "ep_size": "expert-parallel size (MoE models): each MoE layer's experts split evenly over EP ranks, "
+               "shards mp_rank_TT[_PPP]_EEE",
 }
 
 
@@ -44,7 +46,9 @@ def _layout_options(prefix: str, param_prefix: str, required_tp: bool):
                 default = 1
             if required_tp and key == "vit_tp_size":
                 default = 0
-            typ = int if key.endswith("tp_size") else str
+            if required_tp and key == "ep_size":
+                default = 1
+            typ = int if key.endswith("_size") else str
             f = _cfg(f"{prefix}.{key}", f"{param_prefix}{key}", type=typ, default=default, show_default=default is not None,
                      metavar="N" if typ is int else "LIST", help=LAYOUT_HELP[key])(f)
         return f
@@ -169,7 +173,7 @@ def main():
 
     \b
     Usage: mm-convert CONVERTER COMMAND [--cfg.* options]
-    Converters:  Qwen2_5_VLConverter (Qwen2.5-VL 3B/7B/32B/72B)
+    Converters:  {converters}
     Commands:    hf_to_mm, mm_to_hf, resplit, verify, plan, check_logits
     Example:
       mm-convert Qwen2_5_VLConverter hf_to_mm --cfg.mm_dir ckpt/mm_path/Qwen2.5-VL-7B-Instruct \\
@@ -196,8 +200,8 @@ def _make_group(name: str, cls) -> click.Group:
     @_workers
     @_common
     @click.pass_context
-    def hf_to_mm(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, save_format, overwrite, resume,
-                 quiet, debug):
+    def hf_to_mm(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, ep_size, save_format, overwrite,
+                 resume, quiet, debug):
         """Convert an HF checkpoint into MM shards (release/mp_rank_*/model_optim_rng.pt), or with
         --cfg.save_format torch_dist into Megatron's torch_dist format (release/*.distcp + .metadata).
 
@@ -205,7 +209,7 @@ def _make_group(name: str, cls) -> click.Group:
         config.json first (sums, shapes, vision before LLM, TP divisibility)."""
         conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
         r = _run(ctx, lambda: conv.hf_to_mm(hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                            save_format=save_format, overwrite=overwrite, resume=resume))
+                                            ep_size=ep_size, save_format=save_format, overwrite=overwrite, resume=resume))
         _print_result(r, quiet)
 
     @group.command("mm_to_hf")
@@ -222,14 +226,14 @@ def _make_group(name: str, cls) -> click.Group:
     @_workers
     @_common
     @click.pass_context
-    def mm_to_hf(ctx, mm_dir, save_hf_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, max_shard_size,
-                 overwrite, resume, quiet, debug):
+    def mm_to_hf(ctx, mm_dir, save_hf_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, ep_size,
+                 max_shard_size, overwrite, resume, quiet, debug):
         """Convert MM shards back to HF safetensors (sharded, with an index), keeping dtypes and the key scheme.
 
         The layout is read off the shards; --cfg.parallel_config.* values, if given, are checked against it."""
         conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
         r = _run(ctx, lambda: conv.mm_to_hf(mm_dir, save_hf_dir, hf_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                            max_shard_size=max_shard_size, overwrite=overwrite,
+                                            ep_size=ep_size, max_shard_size=max_shard_size, overwrite=overwrite,
                                             resume=resume))
         _print_result(r, quiet)
 
@@ -245,12 +249,14 @@ def _make_group(name: str, cls) -> click.Group:
     @_common
     @click.pass_context
     def resplit(ctx, source_dir, target_dir, hf_dir, source_tp_size, source_vit_tp_size, source_llm_pp_layers,
-                source_vit_pp_layers, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, overwrite, resume, quiet, debug):
+                source_vit_pp_layers, source_ep_size, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, ep_size, overwrite,
+                resume, quiet, debug):
         """Reshard MM shards to another TP / PP / virtual-pipeline layout directly, without HF files in between.
 
         The source layout is read off its shards (--cfg.source_parallel_config.* values are checked against it)."""
         conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
         r = _run(ctx, lambda: conv.resplit(source_dir, target_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
+                                           ep_size=ep_size, source_ep_size=source_ep_size,
                                            source_tp_size=source_tp_size, source_llm_pp_layers=source_llm_pp_layers,
                                            source_vit_pp_layers=source_vit_pp_layers, source_vit_tp_size=source_vit_tp_size,
                                            hf_dir=hf_dir, overwrite=overwrite, resume=resume))
@@ -264,12 +270,13 @@ def _make_group(name: str, cls) -> click.Group:
     @_layout_options("parallel_config", "", False)
     @_common
     @click.pass_context
-    def verify(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, quiet, debug):
+    def verify(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, ep_size, quiet, debug):
         """Check an output against its mm_convert_manifest.json (every file's size and sha256; the first mismatch
         is named) and, given the HF source, every MM tensor bit for bit, plus a coverage report naming any missing
         or unexpected key. Exits 1 on any difference."""
         conv = cls(progress=not quiet)
-        rep: VerifyReport = _run(ctx, lambda: conv.verify(hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size))
+        rep: VerifyReport = _run(ctx, lambda: conv.verify(hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
+                                                          ep_size=ep_size))
         for what, items in (("mismatched", rep.mismatched), ("missing", rep.missing), ("unexpected", rep.unexpected),
                             ("HF tensor not covered", rep.unused_hf)):
             for k in items:
@@ -294,11 +301,14 @@ def _make_group(name: str, cls) -> click.Group:
         conv = cls(progress=False)
         calls = {
             "hf_to_mm": lambda: conv.hf_to_mm(p["hf_dir"], p["mm_dir"], p["tp_size"], p["llm_pp_layers"], p["vit_pp_layers"],
-                                              p["vit_tp_size"], save_format=p["save_format"], dry_run=True),
+                                              p["vit_tp_size"], ep_size=p["ep_size"], save_format=p["save_format"],
+                                              dry_run=True),
             "mm_to_hf": lambda: conv.mm_to_hf(p["mm_dir"], p["save_hf_dir"], p["hf_dir"], p["tp_size"], p["llm_pp_layers"],
-                                              p["vit_pp_layers"], p["vit_tp_size"], max_shard_size=p["max_shard_size"], dry_run=True),
+                                              p["vit_pp_layers"], p["vit_tp_size"], ep_size=p["ep_size"],
+                                              max_shard_size=p["max_shard_size"], dry_run=True),
             "resplit": lambda: conv.resplit(p["source_dir"], p["target_dir"], p["tp_size"], p["llm_pp_layers"], p["vit_pp_layers"],
-                                            p["vit_tp_size"], source_tp_size=p["source_tp_size"],
+                                            p["vit_tp_size"], ep_size=p["ep_size"], source_ep_size=p["source_ep_size"],
+                                            source_tp_size=p["source_tp_size"],
                                             source_llm_pp_layers=p["source_llm_pp_layers"],
                                             source_vit_pp_layers=p["source_vit_pp_layers"],
                                             source_vit_tp_size=p["source_vit_tp_size"], hf_dir=p["hf_dir"], dry_run=True),
@@ -313,13 +323,15 @@ def _make_group(name: str, cls) -> click.Group:
     @click.option("--tolerance", type=float, default=1e-5, show_default=True, help="largest allowed max abs logit difference")
     @_common
     @click.pass_context
-    def check_logits(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, tolerance, quiet, debug):
+    def check_logits(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, ep_size, tolerance, quiet,
+                     debug):
         """Run transformers on the HF checkpoint and the bundled runtime (tp x pp local processes) on the MM
         checkpoint with the same image + text input; print the max abs logit difference, exit 1 above --tolerance."""
         def go():
             from train.check_logits import check_logits as run_check
             return run_check(mm_dir, hf_dir, tp_size=tp_size, llm_pp_layers=llm_pp_layers, vit_pp_layers=vit_pp_layers,
-                             tolerance=tolerance, vit_tp_size=vit_tp_size, log=lambda s: None if quiet else click.echo(s))
+                             tolerance=tolerance, vit_tp_size=vit_tp_size, ep_size=ep_size,
+                             log=lambda s: None if quiet else click.echo(s))
         diff = _run(ctx, go)
         click.echo(f"max abs logit difference: {diff:.3e} (tolerance {tolerance:.1e})")
 
@@ -328,6 +340,7 @@ def _make_group(name: str, cls) -> click.Group:
 
 for _name, _cls in CONVERTERS.items():
     main.add_command(_make_group(_name, _cls))
+main.help = main.help.replace("{converters}", ", ".join(CONVERTERS))
 
 
 def _split_glued(argv: list[str]) -> list[str]:

@@ -24,11 +24,12 @@ from .formats import dist
 from .formats import hf as hf_format
 from .formats import mm as mm_format
 from .layout import ParallelLayout
-from .models import qwen2_5_vl
+from .models import FAMILIES
+from .models.base import EXPERT_LAYOUTS
 from .manifest import (MANIFEST, check_manifest, check_sizes, files_description, finalize, plan_id, read_journal,
                        read_manifest, source_identity)
 from .output import atomic_output_dir
-from .plan import OutputFile, Ref, check_coverage, compose, hf_files_plan, hf_to_mm_plan, invert
+from .plan import OutputFile, Ref, check_coverage, compose, hf_files_plan, hf_to_mm_plan, invert, rule_pieces
 from .progress import Progress
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -107,79 +108,90 @@ class Converter:
         self.workers = workers
 
     # ---- inputs ------------------------------------------------------------------------------------------
-    def _dims(self, cfg: dict, source: str):
-        dims = self.spec.dims_from_config(cfg, source)
-        self.spec.check_config(dims, source)
-        return dims
+    def _model(self, cfg: dict, source: str, expert_layout: str = "hub") -> "BoundModel":
+        return BoundModel(self.spec, self.spec.config_from_hf(cfg, source), expert_layout)
 
     def _open_hf(self, hf_dir, option="--cfg.hf_config.hf_dir"):
+        """Config, bound model, reader and dtypes of an HF checkpoint, checked against its config.json."""
         cfg = hf_format.load_config(hf_dir, option)
-        dims = self._dims(cfg, str(Path(hf_dir) / "config.json"))
-        reader = hf_format.HFReader(hf_dir)
-        expected = self.spec.hf_shapes(dims)
+        source = str(Path(hf_dir) / "config.json")
+        model = self._model(cfg, source)
+        reader = hf_format.HFReader(hf_dir, self.spec.KEY_SCHEMES)
         names = set(reader.names())
         root = Path(hf_dir)
+        model = self._match_expert_layout(model, reader)
+        expected = model.shapes
         missing = [n for n in expected if n not in names]
+        t, v = model.cfg.text, model.cfg.vision
         if missing:
-            raise CheckpointError(f"{root}: tensor {hf_format.from_legacy(missing[0], reader.scheme)} is missing"
+            raise CheckpointError(f"{root}: tensor {reader.external(missing[0])} is missing"
                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                                  + f"; expected by config.json ({dims.layers} layers, vision depth {dims.vit_layers}"
-                                  + (", tied embeddings" if dims.tied else "") + ")")
+                                  + f"; expected by config.json ({t.num_layers} layers, vision depth {v.depth}"
+                                  + (", tied embeddings" if t.tie_word_embeddings else "") + ")")
         extra = sorted(names - set(expected))
         if extra:
             n0 = extra[0]
-            raise CheckpointError(f"{root / reader.file_of(n0)}: unexpected tensor {hf_format.from_legacy(n0, reader.scheme)}"
+            raise CheckpointError(f"{root / reader.file_of(n0)}: unexpected tensor {reader.external(n0)}"
                                   + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                                  + "; it is not part of a Qwen2.5-VL model with this config.json")
+                                  + f"; it is not part of a {self.spec.NAME} model with this config.json")
         dtypes = {}
         for n, shape in expected.items():
             dt, got = reader.meta(n)
             if tuple(got) != tuple(shape):
-                raise CheckpointError(f"{root / reader.file_of(n)}: {hf_format.from_legacy(n, reader.scheme)} has shape "
+                raise CheckpointError(f"{root / reader.file_of(n)}: {reader.external(n)} has shape "
                                       f"{list(got)}, config.json expects {list(shape)}")
             dtypes[n] = dt
-        check_one_dtype(((root / reader.file_of(n), hf_format.from_legacy(n, reader.scheme), dt) for n, dt in dtypes.items()))
-        return cfg, dims, reader, expected, dtypes
+        check_one_dtype(((root / reader.file_of(n), reader.external(n), dt) for n, dt in dtypes.items()))
+        return cfg, model, reader, dtypes
 
-    def _layout(self, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, prefix) -> ParallelLayout:
-        layout = ParallelLayout.create(tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                       llm_layers=dims.layers, vit_layers=dims.vit_layers, prefix=prefix)
-        layout.check_layer_counts(dims.vit_layers, dims.layers, prefix)
-        layout.check_divisible(self.spec.tp_divisible(dims), prefix)
+    def _match_expert_layout(self, model: "BoundModel", reader) -> "BoundModel":
+        """The layout of fused expert tensors the files use (the first whose shapes all match)."""
+        for layout in EXPERT_LAYOUTS:
+            candidate = BoundModel(model.spec, model.cfg, layout)
+            shapes = candidate.shapes
+            if all(n not in shapes or tuple(reader.meta(n)[1]) == tuple(shapes[n]) for n in reader.names()):
+                return candidate
+        return model
+
+    def _layout(self, model, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, prefix, ep_size=1) -> ParallelLayout:
+        t, v = model.cfg.text, model.cfg.vision
+        layout = ParallelLayout.create(tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, ep_size=ep_size,
+                                       llm_layers=t.num_layers, vit_layers=v.depth, prefix=prefix)
+        layout.check_layer_counts(v.depth, t.num_layers, prefix)
+        if ep_size > 1 and not t.num_experts:
+            raise LayoutError(f"{prefix}.ep_size {ep_size}: this {self.spec.NAME} model has no experts (dense); "
+                              f"expert parallelism needs a MoE model")
+        layout.check_divisible(self.spec.tp_divisible(model.cfg), prefix)
         return layout
 
-    def _mm_plan(self, dims, layout, shapes, dtypes) -> list[OutputFile]:
-        files = hf_to_mm_plan(self.spec.rules(dims, layout.pp_size), layout, shapes, dtypes)
-        check_coverage(files)
-        return files
-
-    def _global_layout(self, dims, option) -> ParallelLayout:
+    def _global_layout(self, model, option) -> ParallelLayout:
         """tp 1, pp 1: how a checkpoint of global tensors (torch_dist) is read and written."""
-        return self._layout(dims, 1, [[dims.layers]], [[dims.vit_layers]], 0, option)
+        return self._layout(model, 1, [[model.cfg.text.num_layers]], [[model.cfg.vision.depth]], 0, option)
 
-    def _shard_layout(self, reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, option, prefix):
+    def _shard_layout(self, reader, model, given: dict, option, prefix):
         """The layout read off the shards, checked against the config; values the user gave must match it.
         A torch_dist source has no layout of its own: it reads as tp 1, pp 1."""
         if reader.layout_free:
-            return self._global_layout(dims, option)
-        found = reader.infer_layout(dims.vit_hidden)
+            return self._global_layout(model, option)
+        found = reader.infer_layout(self.spec.LAYER_PREFIXES, model.vit_tp_probe())
 
-        def lists(given, have):
-            return given if given is not None else [list(c) for c in have]
+        def lists(value, have):
+            return value if value is not None else [list(c) for c in have]
 
-        if tp_size is not None or llm_pp_layers is not None or vit_pp_layers is not None:
-            given = self._layout(dims, tp_size if tp_size is not None else found.tp_size,
-                                 lists(llm_pp_layers, found.llm_pp_layers), lists(vit_pp_layers, found.vit_pp_layers),
-                                 vit_tp_size if vit_tp_size is not None else found.vit_tp_size, prefix)
-            if (given.tp_size, given.llm_pp_layers, given.vit_pp_layers, given.effective_vit_tp) != \
-                    (found.tp_size, found.llm_pp_layers, found.vit_pp_layers, found.effective_vit_tp):
-                raise LayoutError(f"{prefix}: {given.describe()} does not match the shards in {reader.iter_dir}, "
+        if any(given.get(k) is not None for k in ("tp_size", "llm_pp_layers", "vit_pp_layers", "ep_size")):
+            pick = lambda k, have: given[k] if given.get(k) is not None else have  # noqa: E731
+            want = self._layout(model, pick("tp_size", found.tp_size), lists(given.get("llm_pp_layers"), found.llm_pp_layers),
+                                lists(given.get("vit_pp_layers"), found.vit_pp_layers),
+                                pick("vit_tp_size", found.vit_tp_size), prefix, pick("ep_size", found.ep_size))
+            if (want.tp_size, want.llm_pp_layers, want.vit_pp_layers, want.effective_vit_tp, want.ep_size) != \
+                    (found.tp_size, found.llm_pp_layers, found.vit_pp_layers, found.effective_vit_tp, found.ep_size):
+                raise LayoutError(f"{prefix}: {want.describe()} does not match the shards in {reader.iter_dir}, "
                                   f"which hold {found.describe()}")
-        return self._layout(dims, found.tp_size, lists(None, found.llm_pp_layers), lists(None, found.vit_pp_layers),
-                            found.vit_tp_size, option)
+        return self._layout(model, found.tp_size, lists(None, found.llm_pp_layers), lists(None, found.vit_pp_layers),
+                            found.vit_tp_size, option, found.ep_size)
 
-    def _open_mm(self, mm_dir, hf_dir, option, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, prefix):
-        """Reader, config, dims, layout and checked source plan of an MM checkpoint."""
+    def _open_mm(self, mm_dir, hf_dir, option, given: dict, prefix):
+        """Reader, config, bound model, layout, checked source plan and HF key scheme of an MM checkpoint."""
         reader = mm_format.open_reader(mm_dir, option)
         manifest = read_manifest(mm_dir)
         check_sizes(mm_dir, manifest, [os.path.relpath(reader.iter_dir / r, mm_dir) for r in reader.files()])
@@ -191,64 +203,76 @@ class Converter:
         else:
             raise ConfigError(f"{option} {mm_dir}: no {MANIFEST} with the model config; pass --cfg.hf_config.hf_dir "
                               f"(the original HF directory, for its config.json)")
-        dims = self._dims(cfg, source)
-        layout = self._shard_layout(reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                    f"{option} {mm_dir}", prefix)
-        shapes = self.spec.hf_shapes(dims)
-        plan = self._mm_plan(dims, layout, shapes, {n: None for n in shapes})
+        model = self._model(cfg, source, (manifest or {}).get("hf_expert_layout", "hub"))
+        layout = self._shard_layout(reader, model, given, f"{option} {mm_dir}", prefix)
+        plan = model.plan(layout, {n: None for n in model.shapes})
         check_shards_match(reader, plan)
         check_one_dtype((reader.iter_dir / f.path, f"{slot}.{k}", t.dtype)
                         for f in plan for slot, sd in reader.slots(f.path).items() for k, t in sd.items())
         scheme = (manifest or {}).get("hf_key_scheme", "legacy")
-        return reader, cfg, dims, layout, shapes, plan, scheme
+        return reader, cfg, model, layout, plan, scheme
+
+    def layout_of(self, mm_dir, hf_dir=None, option: str = "--cfg.mm_dir") -> ParallelLayout:
+        """The layout of an MM checkpoint, read off its shards and checked against the config (from ``hf_dir``
+        or the checkpoint's manifest): what the runtime loads by."""
+        return self._open_mm(mm_dir, hf_dir, option, {}, "--cfg.parallel_config")[3]
 
     # ---- commands ----------------------------------------------------------------------------------------
     def hf_to_mm(self, hf_dir, mm_dir, tp_size: int = 1, llm_pp_layers=None, vit_pp_layers=None, vit_tp_size: int = 0,
-                 *, save_format: str = "torch", overwrite: bool = False, dry_run: bool = False,
+                 *, ep_size: int = 1, save_format: str = "torch", overwrite: bool = False, dry_run: bool = False,
                  resume: bool = False) -> Result:
         """Convert an HF checkpoint directory into an MM checkpoint (``release``) with the given layout.
         ``save_format``: "torch" (mp_rank_* shards) or "torch_dist" (Megatron's distributed format: global
         tensors, any TP / PP at load time; the layout given is checked, not used).
+        ``ep_size``: expert parallelism (MoE models): shards ``mp_rank_TT[_PPP]_EEE``, experts split evenly.
         ``resume``: keep the finished files of an interrupted run of the same plan (see manifest.py)."""
-        cfg, dims, reader, shapes, dtypes = self._open_hf(hf_dir)
-        layout = self._layout(dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, "--cfg.parallel_config")
+        cfg, model, reader, dtypes = self._open_hf(hf_dir)
+        layout = self._layout(model, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, "--cfg.parallel_config", ep_size)
         if _save_format(save_format) == "torch_dist":
-            layout = self._global_layout(dims, "--cfg.parallel_config")
-            files = dist_files(self._mm_plan(dims, layout, shapes, dtypes))
+            layout = self._global_layout(model, "--cfg.parallel_config")
+            files = dist_files(model.plan(layout, dtypes))
             result = Result("hf_to_mm", str(mm_dir), "torch_dist (global tensors)", files)
         else:
-            files = self._mm_plan(dims, layout, shapes, dtypes)
+            files = model.plan(layout, dtypes)
             result = Result("hf_to_mm", str(mm_dir), layout.describe(), files)
         if dry_run:
             return result
-        manifest = {"hf_config": cfg, "hf_key_scheme": reader.scheme, "source": str(Path(hf_dir).absolute()),
+        manifest = {"hf_config": cfg, "hf_key_scheme": reader.scheme, "hf_expert_layout": model.expert_layout,
+                    "source": str(Path(hf_dir).absolute()),
                     "source_identity": source_identity(hf_dir, ["config.json", hf_format.INDEX] + reader.weight_files())}
         return self._write_mm(result, mm_dir, layout, Sources(hf=reader), [hf_dir], overwrite, manifest, resume,
                               save_format=save_format)
 
     def mm_to_hf(self, mm_dir, save_hf_dir, hf_dir=None, tp_size=None, llm_pp_layers=None, vit_pp_layers=None,
-                 vit_tp_size=None, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
+                 vit_tp_size=None, *, ep_size=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
                  dry_run: bool = False, resume: bool = False) -> Result:
         """Convert an MM checkpoint back to HF safetensors. The layout is read off the shards (given values
-        are checked against them). ``hf_dir``: the original HF directory, for config, tokenizer and processor files."""
-        reader, cfg, dims, layout, shapes, plan, scheme = self._open_mm(
-            mm_dir, hf_dir, "--cfg.mm_dir", tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, "--cfg.parallel_config")
+        are checked against them). ``hf_dir``: the original HF directory, for config, tokenizer and processor
+        files; its weights, where present, decide the key scheme and expert layout written."""
+        given = dict(tp_size=tp_size, llm_pp_layers=llm_pp_layers, vit_pp_layers=vit_pp_layers, vit_tp_size=vit_tp_size,
+                     ep_size=ep_size)
+        reader, cfg, model, layout, plan, scheme = self._open_mm(mm_dir, hf_dir, "--cfg.mm_dir", given,
+                                                                 "--cfg.parallel_config")
         if hf_dir is not None:
             try:
-                scheme = hf_format.HFReader(hf_dir).scheme
+                ref = hf_format.HFReader(hf_dir, self.spec.KEY_SCHEMES)
+                scheme = ref.scheme
+                model = self._match_expert_layout(model, ref)
+                plan = model.plan(layout, {n: None for n in model.shapes})
             except CheckpointError:
-                pass  # a reference dir without weights: keep the scheme recorded at conversion
+                pass  # a reference dir without weights: keep what was recorded at conversion
+        shapes = model.shapes
         inv = invert(plan, shapes)
         files = hf_files_plan(inv, shapes, lambda ref: reader.meta(ref)[0],
-                              lambda n: hf_format.from_legacy(n, scheme), parse_size(max_shard_size))
+                              lambda n: hf_format.from_legacy(n, scheme, self.spec.KEY_SCHEMES), parse_size(max_shard_size))
         check_coverage(files)
         result = Result("mm_to_hf", str(save_hf_dir), layout.describe(), files)
         if dry_run:
             return result
         sources = Sources(mm=reader)
         doc = self._manifest_doc(result, layout, {
-            "hf_config": cfg, "hf_key_scheme": scheme, "source": str(Path(mm_dir).absolute()),
-            "source_identity": _mm_identity(mm_dir, reader),
+            "hf_config": cfg, "hf_key_scheme": scheme, "hf_expert_layout": model.expert_layout,
+            "source": str(Path(mm_dir).absolute()), "source_identity": _mm_identity(mm_dir, reader),
             "reference": source_identity(hf_dir, hf_format.NON_WEIGHT_FILES) if hf_dir is not None else None})
         if resume and _complete(save_hf_dir, doc):
             return self._already(result)
@@ -268,23 +292,26 @@ class Converter:
         return result
 
     def resplit(self, source_dir, target_dir, tp_size: int = 1, llm_pp_layers=None, vit_pp_layers=None,
-                vit_tp_size: int = 0, *, source_tp_size=None, source_llm_pp_layers=None, source_vit_pp_layers=None,
-                source_vit_tp_size=None, hf_dir=None, overwrite: bool = False, dry_run: bool = False,
-                resume: bool = False) -> Result:
-        """Reshard an MM checkpoint to another TP / PP / VPP layout directly (no HF files in between)."""
-        reader, cfg, dims, src_layout, shapes, src_plan, scheme = self._open_mm(
-            source_dir, hf_dir, "--cfg.source_dir", source_tp_size, source_llm_pp_layers, source_vit_pp_layers,
-            source_vit_tp_size, "--cfg.source_parallel_config")
-        layout = self._layout(dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, "--cfg.target_parallel_config")
+                vit_tp_size: int = 0, *, ep_size: int = 1, source_tp_size=None, source_llm_pp_layers=None,
+                source_vit_pp_layers=None, source_vit_tp_size=None, source_ep_size=None, hf_dir=None,
+                overwrite: bool = False, dry_run: bool = False, resume: bool = False) -> Result:
+        """Reshard an MM checkpoint to another TP / PP / VPP / EP layout directly (no HF files in between)."""
+        given = dict(tp_size=source_tp_size, llm_pp_layers=source_llm_pp_layers, vit_pp_layers=source_vit_pp_layers,
+                     vit_tp_size=source_vit_tp_size, ep_size=source_ep_size)
+        reader, cfg, model, src_layout, src_plan, scheme = self._open_mm(
+            source_dir, hf_dir, "--cfg.source_dir", given, "--cfg.source_parallel_config")
+        layout = self._layout(model, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, "--cfg.target_parallel_config",
+                              ep_size)
+        shapes = model.shapes
         inv = invert(src_plan, shapes)
         dtypes = {n: reader.meta(inv[n][0].src)[0] for n in shapes}
-        files = compose(self._mm_plan(dims, layout, shapes, dtypes), inv)
+        files = compose(model.plan(layout, dtypes), inv)
         check_coverage(files)
         result = Result("resplit", str(target_dir), f"{src_layout.describe()} -> {layout.describe()}", files)
         if dry_run:
             return result
-        manifest = {"hf_config": cfg, "hf_key_scheme": scheme, "source": str(Path(source_dir).absolute()),
-                    "source_identity": _mm_identity(source_dir, reader)}
+        manifest = {"hf_config": cfg, "hf_key_scheme": scheme, "hf_expert_layout": model.expert_layout,
+                    "source": str(Path(source_dir).absolute()), "source_identity": _mm_identity(source_dir, reader)}
         saved = _with_layout(reader.training_state(), layout)
         if saved:
             result.notes.append("kept from the training save: " + ", ".join(
@@ -292,7 +319,8 @@ class Converter:
         return self._write_mm(result, target_dir, layout, Sources(mm=reader), [source_dir] + ([hf_dir] if hf_dir else []),
                               overwrite, manifest, resume, saved)
 
-    def verify(self, hf_dir, mm_dir, tp_size=None, llm_pp_layers=None, vit_pp_layers=None, vit_tp_size=None) -> VerifyReport:
+    def verify(self, hf_dir, mm_dir, tp_size=None, llm_pp_layers=None, vit_pp_layers=None, vit_tp_size=None,
+               *, ep_size=None) -> VerifyReport:
         """Compare every tensor of an MM checkpoint with what its HF checkpoint says it must be, bit for bit.
         Any directory written by mm_convert is first checked against its manifest (every file's size and sha256);
         with ``hf_dir`` None that is the whole check (any output: MM or HF)."""
@@ -302,18 +330,20 @@ class Converter:
             if hf_dir is None:
                 return report
         try:
-            return self._verify_tensors(report, hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size)
+            given = dict(tp_size=tp_size, llm_pp_layers=llm_pp_layers, vit_pp_layers=vit_pp_layers,
+                         vit_tp_size=vit_tp_size, ep_size=ep_size)
+            return self._verify_tensors(report, hf_dir, mm_dir, given)
         except CheckpointError:
             if report.manifest_error:
                 return report  # the file the manifest check named is unreadable as well
             raise
 
-    def _verify_tensors(self, report, hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size) -> VerifyReport:
-        cfg, dims, hf_reader, shapes, dtypes = self._open_hf(hf_dir)
+    def _verify_tensors(self, report, hf_dir, mm_dir, given: dict) -> VerifyReport:
+        cfg, model, hf_reader, dtypes = self._open_hf(hf_dir)
+        shapes = model.shapes
         reader = mm_format.open_reader(mm_dir)
-        layout = self._shard_layout(reader, dims, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                    "--cfg.mm_dir", "--cfg.parallel_config")
-        plan = self._mm_plan(dims, layout, shapes, dtypes)
+        layout = self._shard_layout(reader, model, given, "--cfg.mm_dir", "--cfg.parallel_config")
+        plan = model.plan(layout, dtypes)
         used = set()
         hf_sources = Sources(hf=hf_reader)
         bar = Progress(sum(f.nbytes for f in plan), "verify", self.progress)
@@ -547,9 +577,54 @@ def _complete(target, doc: dict) -> bool:
         return False
 
 
-class Qwen2_5_VLConverter(Converter):
-    """Qwen2.5-VL (3B / 7B / 32B / 72B and any size with the same architecture)."""
-    spec = qwen2_5_vl
+@dataclass(frozen=True)
+class BoundModel:
+    """A family's spec bound to one config (and the layout of its fused HF expert tensors): what the planner needs."""
+    spec: ModuleType
+    cfg: object
+    expert_layout: str = "hub"
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.spec.hf_shapes(self.cfg, self.expert_layout)
+
+    def plan(self, layout: ParallelLayout, dtypes: dict) -> list[OutputFile]:
+        files = hf_to_mm_plan(self.spec.rules(self.cfg, layout.pp_size), layout, self.shapes, dtypes,
+                              self.spec.views(self.cfg, self.expert_layout))
+        check_coverage(files)
+        return files
+
+    def vit_tp_probe(self) -> tuple[str, int] | None:
+        """(MM name at vision layer 0, its rows at TP 1) of the first TP-split vision layer tensor: a shard's
+        rows of it tell the vision TP size."""
+        shapes = {**self.shapes, **{n: v.shape for n, v in self.spec.views(self.cfg, self.expert_layout).items()}}
+        for rule in self.spec.rules(self.cfg, 1):
+            if rule.module == "vit" and rule.place == "layer" and rule.tp == "split_dim0" and rule.layers is None:
+                names = [h.format(i=0, e=0) for h in rule.hf]
+                shape, _ = rule_pieces(rule, names, shapes, 1, 0)
+                return rule.mm.format(i=0, e=0), shape[0]
+        return None
 
 
-CONVERTERS = {"Qwen2_5_VLConverter": Qwen2_5_VLConverter}
+def _converter_class(spec: ModuleType, name: str) -> type:
+    return type(name, (Converter,), {"spec": spec, "__doc__": f"{spec.NAME} (published sizes: "
+                                     f"{', '.join(spec.PUBLISHED)}; any size with the same architecture).",
+                                     "__module__": __name__})
+
+
+# One class per family (and MindSpeed-MM's second name for a family's FSDP2 path), from the registry.
+CONVERTERS: dict[str, type] = {}
+for _spec in FAMILIES:
+    for _name in (_spec.CONVERTER, getattr(_spec, "DCP_CONVERTER", None)):
+        if _name:
+            CONVERTERS[_name] = _converter_class(_spec, _name)
+globals().update(CONVERTERS)
+
+
+def converter_for(cfg: dict, **kwargs) -> Converter:
+    """A converter for the family of an HF config dict (its ``model_type``)."""
+    for spec in FAMILIES:
+        if cfg.get("model_type") in spec.MODEL_TYPES:
+            return CONVERTERS[spec.CONVERTER](**kwargs)
+    known = sorted(t for f in FAMILIES for t in f.MODEL_TYPES)
+    raise ConfigError(f"model_type {cfg.get('model_type')!r} is not a supported family ({', '.join(known)})")

@@ -33,7 +33,7 @@ from .errors import CheckpointError, MMConvertError, Terminated
 from .formats import hf as hf_format
 from .formats import mm as mm_format
 from .formats.torch_stream import StreamedTensor, crc32
-from .plan import HF, OutputFile, Ref, TargetTensor
+from .plan import HF, OutputFile, Piece, Ref, TargetTensor, to_src
 
 CHUNK_BYTES = int(os.environ.get("MM_CONVERT_CHUNK_BYTES", 1 << 20))
 POOL_BLOCKS = int(os.environ.get("MM_CONVERT_POOL_BLOCKS", 8))  # being written, queued, being filled
@@ -85,7 +85,7 @@ class Sources:
             for t in f.tensors:
                 for p in t.pieces:
                     lo = p.src_start[0] if p.src_start else 0
-                    rows.setdefault(p.src, []).append((lo, lo + (p.shape[0] if p.shape else 1), p))
+                    rows.setdefault(p.src, []).append((lo, lo + (p.src_shape[0] if p.shape else 1), p))
         sole = set()
         for spans in rows.values():
             spans.sort(key=lambda x: (x[0], x[1]))
@@ -110,13 +110,19 @@ class Sources:
 
 def materialize(t: TargetTensor, sources: Sources) -> torch.Tensor:
     """The target tensor; a single piece covering it whole is returned as read (no extra copy)."""
-    if len(t.pieces) == 1 and tuple(t.pieces[0].shape) == tuple(t.shape):
+    if len(t.pieces) == 1 and tuple(t.pieces[0].shape) == tuple(t.shape) and not t.pieces[0].reshaped:
         p = t.pieces[0]
         return sources.read(p.src, p.src_start, p.shape)
     out = torch.empty(t.shape, dtype=t.dtype)
     for p in t.pieces:
-        out[tuple(slice(d, d + n) for d, n in zip(p.dst_start, p.shape))] = sources.read(p.src, p.src_start, p.shape)
+        out[tuple(slice(d, d + n) for d, n in zip(p.dst_start, p.shape))] = read_piece(sources, p, p.src_start, p.shape)
     return out
+
+
+def read_piece(sources: "Sources", p: Piece, src_start, shape) -> torch.Tensor:
+    """The box of ``p``'s source at ``src_start`` whose target-side shape is ``shape``, in target layout."""
+    x = sources.read(p.src, src_start, to_src(shape, len(p.src_start), p.transpose, 1))
+    return (x.transpose(-1, -2) if p.transpose else x).reshape(shape)
 
 
 def write_file(f: OutputFile, root: Path, writer, sources: Sources, on_bytes: Callable[[int], None]) -> int:
@@ -185,7 +191,7 @@ class _Blocks:
                 continue
             srow = prod(_dims(loc.shape)[1:]) * t.dtype.itemsize
             s0 = p.src_start[0] if p.src_start else 0
-            n = min((p.shape[0] if p.shape else 1) * srow, READ_AHEAD)
+            n = min((p.src_shape[0] if p.shape else 1) * srow, READ_AHEAD)
             fd = self._fd(loc.path)
             os.posix_fadvise(fd, loc.offset + s0 * srow, n, os.POSIX_FADV_WILLNEED)
 
@@ -228,6 +234,15 @@ class _Blocks:
             if a >= b:
                 continue
             s0, n = pss[0] + a - pd[0], b - a
+            if p.reshaped:  # an expert inside a fused 3-D tensor: the rows' box, read (and transposed)
+                sub = (b - a,) + tuple(ps[1:])
+                at = to_src((a - pd[0],) + (0,) * (len(ps) - 1), len(p.src_start), p.transpose, 0)
+                x = read_piece(self.sources, p, tuple(u + v for u, v in zip(p.src_start, at)), sub)
+                src = x.contiguous().reshape(-1).view(torch.uint8).numpy().view(_RAW[isz]).reshape(sub)
+                if dst is None:
+                    dst = out.view(_RAW[isz]).reshape((r1 - r0,) + shape[1:])
+                dst[(slice(a - r0, b - r0),) + tuple(slice(d, d + k) for d, k in zip(pd[1:], ps[1:]))] = src
+                continue
             if _row_contiguous(p, loc, t):
                 srow = prod(_dims(loc.shape)[1:]) * isz
                 self._pread(loc.path, loc.offset + s0 * srow, out[(a - r0) * trow:(b - r0) * trow], p in self.sole)
@@ -252,7 +267,7 @@ class _Blocks:
 
 def _row_contiguous(p, loc: Loc | None, t: TargetTensor) -> bool:
     """A piece whose rows are whole rows of both its source and its target: a contiguous byte range on both sides."""
-    if loc is None:
+    if loc is None or p.reshaped:
         return False
     src, ps, tgt = _dims(loc.shape), _dims(p.shape), _dims(t.shape)
     return ps[1:] == src[1:] == tgt[1:] and not any(p.src_start[1:]) and not any(p.dst_start[1:])

@@ -51,14 +51,15 @@ class ParallelLayout:
     llm_pp_layers: tuple[tuple[int, ...], ...]
     vit_pp_layers: tuple[tuple[int, ...], ...]
     vit_tp_size: int = 0  # 0: same as tp_size
+    ep_size: int = 1      # expert parallel: the experts of each MoE layer split evenly over ep_size ranks
 
     @classmethod
     def create(cls, tp_size: int = 1, llm_pp_layers=None, vit_pp_layers=None, vit_tp_size: int = 0,
-               *, llm_layers: int | None = None, vit_layers: int | None = None,
+               *, ep_size: int = 1, llm_layers: int | None = None, vit_layers: int | None = None,
                prefix: str = "parallel_config") -> "ParallelLayout":
         """Build from user values. Missing layer lists default to everything on one stage."""
-        for name, v in (("tp_size", tp_size), ("vit_tp_size", vit_tp_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "tp_size" else 0):
+        for name, v in (("tp_size", tp_size), ("vit_tp_size", vit_tp_size), ("ep_size", ep_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "vit_tp_size" else 1):
                 raise LayoutError(f"{prefix}.{name}: expected a positive integer, got {v!r}")
         if llm_pp_layers is None and vit_pp_layers is None and llm_layers is not None and vit_layers is not None:
             llm_pp_layers, vit_pp_layers = [llm_layers], [vit_layers]  # everything on one stage
@@ -66,7 +67,7 @@ class ParallelLayout:
             if v is None:
                 raise LayoutError(f"{prefix}.{name}: required (a list of layer counts per pipeline stage)")
         layout = cls(tp_size, parse_layer_list(llm_pp_layers, f"{prefix}.llm_pp_layers"),
-                     parse_layer_list(vit_pp_layers, f"{prefix}.vit_pp_layers"), vit_tp_size)
+                     parse_layer_list(vit_pp_layers, f"{prefix}.vit_pp_layers"), vit_tp_size, ep_size)
         layout.check_shape(prefix)
         return layout
 
@@ -88,7 +89,8 @@ class ParallelLayout:
         return self.vit_tp_size or self.tp_size
 
     def module_tp(self, module: str) -> int:
-        return self.effective_vit_tp if module == "vit" else self.tp_size
+        """The split of a module's weights: its TP size ("ep": the expert-parallel size)."""
+        return {"vit": self.effective_vit_tp, "ep": self.ep_size}.get(module, self.tp_size)
 
     def module_tp_rank(self, module: str, tp_rank: int) -> int:
         """TP rank of ``module``'s weights held by global tp rank ``tp_rank`` (vision TP may be smaller:
@@ -159,21 +161,23 @@ class ParallelLayout:
         for module, what, value in sizes:
             tp = self.module_tp(module)
             if value % tp:
-                opt = "vit_tp_size" if module == "vit" and self.vit_tp_size else "tp_size"
+                opt = "ep_size" if module == "ep" else "vit_tp_size" if module == "vit" and self.vit_tp_size else "tp_size"
                 bad.setdefault(f"{prefix}.{opt} {tp}", []).append(f"{what} ({value})")
         if bad:
             raise LayoutError("; ".join(f"{opt} does not divide the {', '.join(items)}" for opt, items in bad.items())
-                              + "; choose a TP size that divides each")
+                              + ("; choose sizes that divide each" if any("ep_size" in o for o in bad) else
+                   "; choose a TP size that divides each"))
 
     def describe(self) -> str:
         s = f"tp={self.tp_size}"
         if self.vit_tp_size and self.vit_tp_size != self.tp_size:
             s += f" vit_tp={self.vit_tp_size}"
+        s += f" ep={self.ep_size}" if self.ep_size > 1 else ""
         return s + f" pp={self.pp_size}" + (f" vpp={self.vpp_size}" if self.vpp_size > 1 else "") + \
             f" llm={_fmt(self.llm_pp_layers)} vit={_fmt(self.vit_pp_layers)}"
 
     def to_dict(self) -> dict:
-        return {"tp_size": self.tp_size, "vit_tp_size": self.vit_tp_size,
+        return {"tp_size": self.tp_size, "vit_tp_size": self.vit_tp_size, **({"ep_size": self.ep_size} if self.ep_size > 1 else {}),
                 "llm_pp_layers": [list(c) for c in self.llm_pp_layers],
                 "vit_pp_layers": [list(c) for c in self.vit_pp_layers]}
 

@@ -36,6 +36,9 @@ class Rule:
             ("qkv_groups", kv_heads, heads_per_group) GQA interleave of q, k, v per query group;
             ("qkv_heads", heads) per-head [q_h; k_h; v_h] from one fused [q; k; v] tensor.
     copy:   the HF tensor is also placed elsewhere (tied output layer); the inverse ignores this copy.
+    layers: the global layer indices the rule applies to (None: every layer), e.g. a MoE model's sparse layers.
+    experts: for one tensor per expert: the number of experts; ``{e}`` in ``mm`` is the expert index local to
+            the EP rank, in ``hf`` the global one (expert parallelism splits experts evenly over EP ranks).
     """
     mm: str
     hf: tuple[str, ...]
@@ -44,6 +47,27 @@ class Rule:
     tp: str = "replicate"
     fuse: tuple = ("concat",)
     copy: bool = False
+    layers: frozenset | None = None
+    experts: int = 0
+
+
+@dataclass(frozen=True)
+class View:
+    """A 2-D HF tensor that rules can name but the checkpoint stores inside a larger one (fused 3-D expert
+    tensors): ``view[r, c]`` is ``real[lead..., start[0] + c, start[1] + r]`` when transposed, else
+    ``real[lead..., start[0] + r, start[1] + c]``."""
+    real: str
+    lead: tuple[int, ...]
+    shape: tuple[int, int]
+    transpose: bool = False
+    start: tuple[int, int] = (0, 0)
+
+    def lower(self, piece: "Piece") -> "Piece":
+        """A piece reading this view, as a piece reading the real tensor."""
+        r, c = piece.src_start
+        real = (c + self.start[0], r + self.start[1]) if self.transpose else (r + self.start[0], c + self.start[1])
+        return Piece(Ref(piece.src.file, piece.src.slot, self.real), self.lead + real, piece.dst_start, piece.shape,
+                     self.transpose ^ piece.transpose)
 
 
 @dataclass(frozen=True)
@@ -55,14 +79,44 @@ class Ref:
 
 @dataclass(frozen=True)
 class Piece:
+    """Copy a box of ``src`` to ``dst_start`` of the target; ``shape`` is the box in target coordinates.
+    ``transpose``: the box's last two axes are swapped between source and target, and the two may differ in
+    rank by leading axes of size 1 (an expert's 2-D weight inside a fused 3-D HF tensor)."""
     src: Ref
     src_start: tuple[int, ...]
     dst_start: tuple[int, ...]
     shape: tuple[int, ...]
+    transpose: bool = False
 
     @property
     def numel(self) -> int:
         return prod(self.shape)
+
+    @property
+    def reshaped(self) -> bool:
+        """Source and target boxes differ in layout (transposed, or ranks apart): not a plain box copy."""
+        return self.transpose or len(self.src_start) != len(self.dst_start)
+
+    @property
+    def src_shape(self) -> tuple[int, ...]:
+        return to_src(self.shape, len(self.src_start), self.transpose, 1)
+
+
+def to_src(vec, src_rank: int, transpose: bool, fill: int) -> tuple[int, ...]:
+    """An offset (fill 0) or size (fill 1) in a piece's target coordinates, in its source coordinates."""
+    v = list(vec)
+    v = [fill] * (src_rank - len(v)) + v if src_rank >= len(v) else v[len(v) - src_rank:]
+    if transpose:
+        v[-2], v[-1] = v[-1], v[-2]
+    return tuple(v)
+
+
+def to_dst(vec, dst_rank: int, transpose: bool, fill: int) -> tuple[int, ...]:
+    """Inverse of ``to_src``."""
+    v = list(vec)
+    if transpose:
+        v[-2], v[-1] = v[-1], v[-2]
+    return tuple([fill] * (dst_rank - len(v)) + v if dst_rank >= len(v) else v[len(v) - dst_rank:])
 
 
 @dataclass
@@ -95,12 +149,14 @@ class OutputFile:
 
 
 # ---- MM layout naming ------------------------------------------------------------------------------------
-def shard_dir(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def shard_dir(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
+    """Megatron's names: ``mp_rank_TT``, ``_PPP`` when pp > 1, then ``_EEE`` when ep > 1."""
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
 
 
-def shard_path(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return f"{shard_dir(tp_rank, pp_rank, pp_size)}/model_optim_rng.pt"
+def shard_path(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
+    return f"{shard_dir(tp_rank, pp_rank, pp_size, ep_rank, ep_size)}/model_optim_rng.pt"
 
 
 def slot_name(vpp_rank: int, vpp_size: int) -> str:
@@ -166,32 +222,51 @@ def rule_pieces(rule: Rule, names: list[str], shapes: dict, tp: int, rank: int) 
     return (out,) + trailing, pieces
 
 
-def hf_to_mm_plan(rules: list[Rule], layout: ParallelLayout, shapes: dict, dtypes: dict) -> list[OutputFile]:
-    """The MM shard files of ``layout``, each tensor made of pieces of HF tensors."""
+def hf_to_mm_plan(rules: list[Rule], layout: ParallelLayout, shapes: dict, dtypes: dict,
+                  views: dict[str, View] | None = None) -> list[OutputFile]:
+    """The MM shard files of ``layout``, each tensor made of pieces of HF tensors. ``shapes`` / ``dtypes``:
+    the checkpoint's tensors; ``views``: the 2-D tensors rules name inside them (pieces are lowered to the
+    real tensors)."""
+    views = views or {}
+    shapes = {**shapes, **{n: v.shape for n, v in views.items()}}
+    dtypes = {**dtypes, **{n: dtypes.get(v.real) for n, v in views.items()}}
     files = []
     for tp_rank in range(layout.tp_size):
         for pp_rank in range(layout.pp_size):
-            slots = {}
-            for vpp_rank in range(layout.vpp_size):
-                pos = layout.position(vpp_rank, pp_rank)
-                slots[slot_name(vpp_rank, layout.vpp_size)] = _position_tensors(rules, layout, pos, tp_rank, shapes, dtypes)
-            files.append(OutputFile(shard_path(tp_rank, pp_rank, layout.pp_size), slots,
-                                    {"tp_rank": tp_rank, "pp_rank": pp_rank}))
+            for ep_rank in range(layout.ep_size):
+                slots = {}
+                for vpp_rank in range(layout.vpp_size):
+                    pos = layout.position(vpp_rank, pp_rank)
+                    slots[slot_name(vpp_rank, layout.vpp_size)] = _position_tensors(
+                        rules, layout, pos, tp_rank, ep_rank, shapes, dtypes, views)
+                files.append(OutputFile(shard_path(tp_rank, pp_rank, layout.pp_size, ep_rank, layout.ep_size), slots,
+                                        {"tp_rank": tp_rank, "pp_rank": pp_rank, "ep_rank": ep_rank}))
     return files
 
 
-def _position_tensors(rules, layout, pos, tp_rank, shapes, dtypes) -> list[TargetTensor]:
+def _position_tensors(rules, layout, pos, tp_rank, ep_rank, shapes, dtypes, views) -> list[TargetTensor]:
     out = []
 
-    def add(rule, local, global_):
-        names = [h.format(i=global_) for h in rule.hf]
+    def add(rule, local, global_, expert=0, global_expert=0):
+        names = [h.format(i=global_, e=global_expert) for h in rule.hf]
+        mm = rule.mm.format(i=local, e=expert)
         module_tp = layout.module_tp(rule.module)
         shape, pieces = rule_pieces(rule, names, shapes, module_tp, layout.module_tp_rank(rule.module, tp_rank))
         kinds = {dtypes[n] for n in names}
         if len(kinds) > 1:
             raise CheckpointError(f"{', '.join(names)}: mixed dtypes {sorted(map(str, kinds))} cannot be fused into "
-                                  f"{rule.mm.format(i=local)}; expected one dtype")
-        out.append(TargetTensor(rule.mm.format(i=local), shape, kinds.pop(), pieces, rule.copy))
+                                  f"{mm}; expected one dtype")
+        pieces = [views[p.src.key].lower(p) if p.src.key in views else p for p in pieces]
+        out.append(TargetTensor(mm, shape, kinds.pop(), pieces, rule.copy))
+
+    def add_layer(rule, local, g):
+        if rule.layers is not None and g not in rule.layers:
+            return
+        if not rule.experts:
+            return add(rule, local, g)
+        per = rule.experts // layout.ep_size
+        for e in range(per):
+            add(rule, local, g, e, ep_rank * per + e)
 
     for module in ("vit", "llm"):
         mod_rules = [r for r in rules if r.module == module]
@@ -202,7 +277,7 @@ def _position_tensors(rules, layout, pos, tp_rank, shapes, dtypes) -> list[Targe
         for local, g in enumerate(layout.layer_range(module, pos)):
             for r in mod_rules:
                 if r.place == "layer":
-                    add(r, local, g)
+                    add_layer(r, local, g)
         if pos == layout.last_position(module):
             for r in mod_rules:
                 if r.place == "last":
@@ -222,11 +297,12 @@ def invert(mm_files: list[OutputFile], shapes: dict) -> dict[str, list[Piece]]:
                 if t.copy:
                     continue
                 for p in t.pieces:
-                    box = (p.src_start, p.shape)
+                    box = (p.src_start, p.src_shape)
                     if box in seen[p.src.key]:
                         continue
                     seen[p.src.key].add(box)
-                    inv[p.src.key].append(Piece(Ref(f.path, slot, t.key), p.dst_start, p.src_start, p.shape))
+                    inv[p.src.key].append(Piece(Ref(f.path, slot, t.key), p.dst_start, p.src_start, p.src_shape,
+                                                p.transpose))
     for name, pieces in inv.items():
         covered = sum(p.numel for p in pieces)
         if covered != prod(shapes[name]):
@@ -244,14 +320,18 @@ def compose(target: list[OutputFile], inverse: dict[str, list[Piece]]) -> list[O
             for t in tensors:
                 pieces = []
                 for p in t.pieces:
-                    for q in inverse[p.src.key]:
+                    pss = p.src_shape
+                    for q in inverse[p.src.key]:  # both boxes in the HF tensor's coordinates
                         lo = tuple(max(a, b) for a, b in zip(p.src_start, q.dst_start))
-                        hi = tuple(min(a + n, b + m) for a, n, b, m in zip(p.src_start, p.shape, q.dst_start, q.shape))
+                        hi = tuple(min(a + n, b + m) for a, n, b, m in zip(p.src_start, pss, q.dst_start, q.shape))
                         if any(l >= h for l, h in zip(lo, hi)):
                             continue
-                        pieces.append(Piece(q.src, tuple(s + l - d for s, l, d in zip(q.src_start, lo, q.dst_start)),
-                                            tuple(s + l - d for s, l, d in zip(p.dst_start, lo, p.src_start)),
-                                            tuple(h - l for l, h in zip(lo, hi))))
+                        size = tuple(h - l for l, h in zip(lo, hi))
+                        at_q = to_src(tuple(l - d for l, d in zip(lo, q.dst_start)), len(q.src_start), q.transpose, 0)
+                        at_p = to_dst(tuple(l - s for l, s in zip(lo, p.src_start)), len(p.dst_start), p.transpose, 0)
+                        pieces.append(Piece(q.src, tuple(a + b for a, b in zip(q.src_start, at_q)),
+                                            tuple(a + b for a, b in zip(p.dst_start, at_p)),
+                                            to_dst(size, len(p.dst_start), p.transpose, 1), p.transpose ^ q.transpose))
                 new.append(TargetTensor(t.key, t.shape, t.dtype, pieces, t.copy))
             slots[slot] = new
         out.append(OutputFile(f.path, slots, dict(f.info)))

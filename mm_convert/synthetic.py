@@ -11,23 +11,34 @@ from pathlib import Path
 
 import torch
 
-from .formats.hf import INDEX, write_index, write_safetensors
-from .models import qwen2_5_vl
+from .formats.hf import INDEX, from_legacy, write_index, write_safetensors
+from .models import spec_for_model_type
 
 
 def write_synthetic_checkpoint(config_path: str | Path, out_dir: str | Path, *, layers: int | None = None,
                                vit_layers: int | None = None, dtype: torch.dtype = torch.bfloat16,
                                max_shard_size: int = 4 * 10**9, seed: int = 0) -> Path:
-    """Write config.json and random safetensors shards for the config's shapes (layer counts optionally cut)."""
+    """Write config.json and random safetensors shards for the config's shapes (layer counts optionally cut),
+    with the key scheme its family's hub files use (``model.visual.*`` for Qwen3-VL)."""
     cfg = json.loads(Path(config_path).read_text())
+    text = cfg.get("text_config") or cfg  # the text fields: nested (Qwen3-VL) or flat (Qwen2/2.5-VL)
     if layers is not None:
-        cfg["num_hidden_layers"] = layers
-        cfg["max_window_layers"] = min(cfg.get("max_window_layers", layers), layers)
+        text["num_hidden_layers"] = layers
+        text["max_window_layers"] = min(text.get("max_window_layers", layers), layers)
+        if "mlp_only_layers" in text:
+            text["mlp_only_layers"] = [i for i in text["mlp_only_layers"] if i < layers]
     if vit_layers is not None:
-        cfg["vision_config"]["depth"] = vit_layers
-        cfg["vision_config"]["fullatt_block_indexes"] = [i for i in cfg["vision_config"].get("fullatt_block_indexes", [])
-                                                         if i < vit_layers] or [vit_layers - 1]
-    shapes = qwen2_5_vl.hf_shapes(qwen2_5_vl.dims_from_config(cfg, str(config_path)))
+        vis = cfg["vision_config"]
+        vis["depth"] = vit_layers
+        for key in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+            if vis.get(key):
+                vis[key] = [i for i in vis[key] if i < vit_layers] or [vit_layers - 1]
+    spec = spec_for_model_type(cfg.get("model_type"))
+    if spec is None:
+        raise SystemExit(f"{config_path}: model_type {cfg.get('model_type')!r} is not a supported family")
+    scheme = spec.HUB_SCHEME
+    shapes = {from_legacy(n, scheme, spec.KEY_SCHEMES): s
+              for n, s in spec.hf_shapes(spec.config_from_hf(cfg, str(config_path))).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -45,9 +45,11 @@ def check_logits(mm_dir, hf_dir, tp_size: int | None = None, llm_pp_layers=None,
     (default hf_dir)."""
     cfg = ModelConfig.from_hf(hf_dir)
     if None in (tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size):
-        from mm_convert.formats.mm import MMReader
+        from mm_convert.converter import converter_for
 
-        found = MMReader(mm_dir).infer_layout(cfg.vision.hidden_size)
+        from .config import read_hf_config
+
+        found = converter_for(read_hf_config(hf_dir)[0], progress=False).layout_of(mm_dir, hf_dir)
         tp_size = found.tp_size if tp_size is None else tp_size
         llm_pp_layers = [list(c) for c in found.llm_pp_layers] if llm_pp_layers is None else llm_pp_layers
         vit_pp_layers = [list(c) for c in found.vit_pp_layers] if vit_pp_layers is None else vit_pp_layers

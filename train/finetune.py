@@ -144,7 +144,9 @@ class Data:
 
 
 def train(args) -> None:
-    from mm_convert.formats.mm import MMReader
+    from mm_convert.converter import converter_for
+
+    from .config import read_hf_config
 
     from . import saving
     from .engine import TrainModel
@@ -153,7 +155,8 @@ def train(args) -> None:
     torch.manual_seed(args.seed)
     dc = load_data_config(args.data_config)
     cfg = ModelConfig.from_hf(dc.model_name_or_path)
-    layout = MMReader(args.load, "--load").infer_layout(cfg.vision.hidden_size)
+    layout = converter_for(read_hf_config(dc.model_name_or_path)[0], progress=False).layout_of(
+        args.load, dc.model_name_or_path, "--load")
     for flag, want, have in (("--tensor-model-parallel-size", args.tensor_model_parallel_size, layout.tp_size),
                              ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size, layout.pp_size)):
         if want is not None and want != have:

@@ -1,9 +1,9 @@
 """Hugging Face checkpoint directories: lazy reader and streaming safetensors writer.
 
-The reader accepts a single ``model.safetensors`` or shards listed by ``model.safetensors.index.json``, in the
-legacy key scheme (``model.layers.N``, ``visual.*``: the hub files) or the newer one
-(``model.language_model.layers.N``, ``model.visual.*``). It exposes legacy names; ``scheme`` remembers which
-one was read so a writer can write the same back. Tensors are read one at a time, sliced before reading.
+The reader accepts a single ``model.safetensors`` or shards listed by ``model.safetensors.index.json``, in
+any of the key schemes a model spec declares (``schemes``: name -> prefix renames onto the legacy names). It
+exposes legacy names; ``scheme`` remembers which one was read so a writer can write the same back. Tensors
+are read one at a time, sliced before reading.
 """
 from __future__ import annotations
 
@@ -34,20 +34,27 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
-def to_legacy(key: str) -> str:
-    if key.startswith("model.visual."):
-        return key[len("model."):]
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
+Schemes = dict[str, tuple[tuple[str, str], ...]]  # scheme -> ((its prefix, legacy prefix), ...)
+
+
+def scheme_of(key: str, schemes: Schemes) -> str:
+    for name, pairs in schemes.items():
+        if any(key.startswith(new) for new, _ in pairs):
+            return name
+    return "legacy"
+
+
+def to_legacy(key: str, schemes: Schemes) -> str:
+    for new, old in schemes.get(scheme_of(key, schemes), ()):
+        if key.startswith(new):
+            return old + key[len(new):]
     return key
 
 
-def from_legacy(key: str, scheme: str) -> str:
-    if scheme == "new":
-        if key.startswith("visual."):
-            return "model." + key
-        if key.startswith("model."):
-            return "model.language_model." + key[len("model."):]
+def from_legacy(key: str, scheme: str, schemes: Schemes) -> str:
+    for new, old in schemes.get(scheme, ()):
+        if key.startswith(old):
+            return new + key[len(old):]
     return key
 
 
@@ -63,8 +70,9 @@ def load_config(hf_dir: str | os.PathLike, option: str = "--cfg.hf_config.hf_dir
 class HFReader:
     """Lazy access to the tensors of an HF directory under legacy names."""
 
-    def __init__(self, hf_dir: str | os.PathLike):
+    def __init__(self, hf_dir: str | os.PathLike, schemes: Schemes | None = None):
         self.root = Path(hf_dir)
+        self.schemes = schemes or {}
         index = self.root / INDEX
         if index.is_file():
             try:
@@ -86,14 +94,14 @@ class HFReader:
                 raise CheckpointError(f"{self.root / fname}: missing; {INDEX} lists it")
             keys = self._open(fname).keys()
             for k in keys:
-                self._file_of[to_legacy(k)] = fname
-                self._key_of[to_legacy(k)] = k
+                self._file_of[to_legacy(k, self.schemes)] = fname
+                self._key_of[to_legacy(k, self.schemes)] = k
         if weight_map:
             for k, fname in weight_map.items():
-                if self._file_of.get(to_legacy(k)) != fname:
+                if self._file_of.get(to_legacy(k, self.schemes)) != fname:
                     raise CheckpointError(f"{self.root / fname}: has no tensor {k}, which {INDEX} places there")
-        new = any(k != to_legacy(k) for k in self._key_of.values())
-        self.scheme = "new" if new else "legacy"
+        found = {scheme_of(k, self.schemes) for k in self._key_of.values()} - {"legacy"}
+        self.scheme = found.pop() if len(found) == 1 else "legacy"
         self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
 
     def _open(self, fname: str):
@@ -112,6 +120,10 @@ class HFReader:
             self._layout[fname] = layout
             self._handles[fname] = h
         return h
+
+    def external(self, name: str) -> str:
+        """A legacy name as this checkpoint spells it."""
+        return from_legacy(name, self.scheme, self.schemes)
 
     def names(self) -> list[str]:
         return list(self._file_of)

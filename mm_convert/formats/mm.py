@@ -29,8 +29,7 @@ SHARD_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 _SLOT = re.compile(r"^model(\d*)$")
-_LAYER = {"vit": re.compile(r"^image_encoder\.encoder\.blocks\.layers\.(\d+)\."),
-          "llm": re.compile(r"^text_decoder\.decoder\.layers\.(\d+)\.")}
+EXPERTS = ".mlp.experts.local_experts."  # Megatron's MoE layer: experts numbered locally per EP rank
 
 
 def iteration_dir_name(iteration: str | int) -> str:
@@ -69,28 +68,39 @@ class MMReader:
 
     def __init__(self, mm_dir: str | os.PathLike, option: str = "--cfg.mm_dir"):
         self.iter_dir = resolve_iteration_dir(mm_dir, option)
-        ranks = {}
-        for p in self.iter_dir.iterdir():
-            m = _RANK_DIR.match(p.name)
-            if m:
-                if m.group(3) is not None:
-                    raise CheckpointError(f"{p}: expert-parallel shards are not supported for this model")
-                ranks[(int(m.group(1)), int(m.group(2) or 0))] = p.name
-        if not ranks:
+        names = [m.groups() for p in self.iter_dir.iterdir() if (m := _RANK_DIR.match(p.name))]
+        if not names:
             raise CheckpointError(f"{self.iter_dir}: no mp_rank_* directories")
-        self.tp_size = max(t for t, _ in ranks) + 1
-        self.pp_size = max(p for _, p in ranks) + 1
-        for t in range(self.tp_size):
-            for p in range(self.pp_size):
-                rel = shard_path(t, p, self.pp_size)
-                if not (self.iter_dir / rel).is_file():
-                    raise CheckpointError(f"{self.iter_dir / rel}: missing; the checkpoint has tp={self.tp_size} "
-                                          f"pp={self.pp_size} and needs a shard for every (tp, pp) rank")
+        if len({sum(g is not None for g in n) for n in names}) > 1:
+            raise CheckpointError(f"{self.iter_dir}: mp_rank_* directories of different forms "
+                                  f"({', '.join(sorted('mp_rank_' + '_'.join(g for g in n if g) for n in names)[:4])})")
         self._loaded: dict[str, dict] = {}
         self._saved: dict[str, dict] = {}  # per shard: the training save's iteration and args, where present
+        self.tp_size = max(int(n[0]) for n in names) + 1
+        second = max((int(n[1]) for n in names if n[1] is not None), default=0) + 1
+        third = max((int(n[2]) for n in names if n[2] is not None), default=0) + 1
+        self.pp_size, self.ep_size = second, third
+        if names[0][2] is None and second > 1 and self._expert_ranks():
+            self.pp_size, self.ep_size = 1, second  # mp_rank_TT_EEE: expert parallel without a pipeline
+        for t in range(self.tp_size):
+            for p in range(self.pp_size):
+                for e in range(self.ep_size):
+                    rel = shard_path(t, p, self.pp_size, e, self.ep_size)
+                    if not (self.iter_dir / rel).is_file():
+                        raise CheckpointError(f"{self.iter_dir / rel}: missing; the checkpoint has tp={self.tp_size} "
+                                              f"pp={self.pp_size}" + (f" ep={self.ep_size}" if self.ep_size > 1 else "")
+                                              + " and needs a shard for every rank")
+
+    def _expert_ranks(self) -> bool:
+        """Whether ``mp_rank_00_000`` and ``mp_rank_00_001`` are two EP ranks (the same tensor names, experts
+        numbered locally) rather than two pipeline stages (which never hold the same names)."""
+        a, b = (self.slots(f"mp_rank_00_{k:03d}/{SHARD_FILE}") for k in (0, 1))
+        keys = lambda slots: {(s, k) for s, sd in slots.items() for k in sd}  # noqa: E731
+        return keys(a) == keys(b) and any(EXPERTS in k for _, k in keys(a))
 
     def shard_paths(self) -> list[str]:
-        return [shard_path(t, p, self.pp_size) for t in range(self.tp_size) for p in range(self.pp_size)]
+        return [shard_path(t, p, self.pp_size, e, self.ep_size)
+                for t in range(self.tp_size) for p in range(self.pp_size) for e in range(self.ep_size)]
 
     files = shard_paths  # the files read, relative to iter_dir
 
@@ -119,7 +129,7 @@ class MMReader:
         """What a training save carries besides the weights, as an output shard keeps it: ``iteration`` (int;
         from the first shard, else the directory name) and ``args`` (an argparse.Namespace of plain values);
         {} for a release checkpoint without them."""
-        first = shard_path(0, 0, self.pp_size)
+        first = shard_path(0, 0, self.pp_size, 0, self.ep_size)
         self.slots(first)
         saved, out = self._saved[first], {}
         it = saved.get("iteration")
@@ -164,32 +174,37 @@ class MMReader:
             return None
         return path, offset, t.dtype, tuple(t.shape)
 
-    def infer_layout(self, vit_hidden: int | None = None) -> ParallelLayout:
-        """The layout the shards were written with, read off the layer indices present in tp rank 0."""
-        first = self.slots(shard_path(0, 0, self.pp_size))
+    def infer_layout(self, layer_prefixes: dict[str, str], vit_probe: tuple[str, int] | None = None) -> ParallelLayout:
+        """The layout the shards were written with, read off the layer indices present in tp (and ep) rank 0.
+        ``layer_prefixes``: module -> name prefix of its layers (the spec's); ``vit_probe``: (name, rows at
+        TP 1) of a vision tensor whose rows in a shard give the vision TP size."""
+        layer = {m: re.compile("^" + re.escape(p) + r"(\d+)\.") for m, p in layer_prefixes.items()}
+        path = lambda p: shard_path(0, p, self.pp_size, 0, self.ep_size)  # noqa: E731
+        first = self.slots(path(0))
         vpp = len(first)
-        counts = {m: [[0] * self.pp_size for _ in range(vpp)] for m in _LAYER}
+        counts = {m: [[0] * self.pp_size for _ in range(vpp)] for m in layer}
         vit_tp = 0
         for p in range(self.pp_size):
-            rel = shard_path(0, p, self.pp_size)
+            rel = path(p)
             slots = self.slots(rel)
             if len(slots) != vpp:
-                raise CheckpointError(f"{self.iter_dir / rel}: has {len(slots)} model chunks, {shard_path(0, 0, self.pp_size)} has {vpp}")
+                raise CheckpointError(f"{self.iter_dir / rel}: has {len(slots)} model chunks, {path(0)} has {vpp}")
             for v in range(vpp):
                 sd = slots["model" if vpp == 1 else f"model{v}"] if ("model" in slots or vpp > 1) else None
                 if sd is None:
                     raise CheckpointError(f"{self.iter_dir / rel}: expected slot 'model'")
-                for m, rx in _LAYER.items():
+                for m, rx in layer.items():
                     idx = {int(mt.group(1)) for k in sd if (mt := rx.match(k))}
                     if idx and idx != set(range(len(idx))):
                         raise CheckpointError(f"{self.iter_dir / rel}: {m} layer indices {sorted(idx)} are not 0..{len(idx) - 1}")
                     counts[m][v][p] = len(idx)
-                qkv = sd.get("image_encoder.encoder.blocks.layers.0.self_attention.linear_qkv.weight")
-                if qkv is not None and vit_hidden:
-                    vit_tp = (3 * vit_hidden) // qkv.shape[0]
+                probe = sd.get(vit_probe[0]) if vit_probe else None
+                if probe is not None and probe.dim() and probe.shape[0]:
+                    vit_tp = vit_probe[1] // probe.shape[0]
         if vit_tp == self.tp_size:
             vit_tp = 0
-        return ParallelLayout(self.tp_size, tuple(map(tuple, counts["llm"])), tuple(map(tuple, counts["vit"])), vit_tp)
+        return ParallelLayout(self.tp_size, tuple(map(tuple, counts["llm"])), tuple(map(tuple, counts["vit"])), vit_tp,
+                              self.ep_size)
 
 
 def _file_offset(path: str, addr: int) -> int | None:

@@ -1,0 +1,140 @@
+"""Qwen2-VL and Qwen3-VL (dense and MoE, with expert parallelism) through the converter: tiny checkpoints made
+by transformers' own classes, hf_to_mm then mm_to_hf bit-exact over every layout kind, resplit equal to a
+direct conversion, and the MM tensors checked from first principles (expert placement and numbering, deepstack
+mergers on their vision blocks, fused expert tensors transposed per expert)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_same_tensors, load_hf_tensors, load_mm_shards
+from mm_convert import CONVERTERS
+from mm_convert.errors import LayoutError
+
+LAYOUTS = {
+    "tp1_pp1": dict(tp_size=1, llm_pp_layers=[4], vit_pp_layers=[4]),
+    "tp2_pp2": dict(tp_size=2, llm_pp_layers=[1, 3], vit_pp_layers=[4, 0]),
+    "vpp": dict(tp_size=1, llm_pp_layers=[[0, 1], [1, 2]], vit_pp_layers=[[2, 2], [0, 0]]),
+    "vit_split": dict(tp_size=2, vit_tp_size=1, llm_pp_layers=[0, 4], vit_pp_layers=[2, 2]),
+}
+MOE_LAYOUTS = {
+    "tp2_ep2_pp2": dict(tp_size=2, ep_size=2, llm_pp_layers=[1, 3], vit_pp_layers=[4, 0]),
+    "tp2_ep4": dict(tp_size=2, ep_size=4, llm_pp_layers=[4], vit_pp_layers=[4]),
+    "ep2_vpp": dict(tp_size=1, ep_size=2, llm_pp_layers=[[0, 1], [1, 2]], vit_pp_layers=[[2, 2], [0, 0]]),
+}
+# (family, variant, dtype, tied, expert layout of the files)
+MODELS = {
+    "qwen2vl-fp32": ("Qwen2-VL", "", "float32", False, "linear"),
+    "qwen2vl-bf16-tied": ("Qwen2-VL", "", "bfloat16", True, "linear"),
+    "qwen3vl-fp32-tied": ("Qwen3-VL", "", "float32", True, "linear"),
+    "qwen3vl-bf16": ("Qwen3-VL", "", "bfloat16", False, "linear"),
+    "qwen3moe-fp32": ("Qwen3-VL", "moe", "float32", False, "linear"),
+    "qwen3moe-bf16-hub": ("Qwen3-VL", "moe", "bfloat16", False, "hub"),
+}
+CASES = [(m, l) for m in MODELS for l in LAYOUTS] + [(m, l) for m in MODELS if MODELS[m][1] == "moe" for l in MOE_LAYOUTS]
+
+
+@pytest.fixture(scope="module")
+def family_hf(tmp_path_factory):
+    from mm_convert.testing import make_tiny_hf_checkpoint
+
+    cache = {}
+
+    def make(key):
+        if key not in cache:
+            fam, variant, dtype, tied, experts = MODELS[key]
+            cache[key] = make_tiny_hf_checkpoint(tmp_path_factory.mktemp(key), family_name=fam, variant=variant,
+                                                 dtype=dtype, tied=tied, expert_layout=experts)
+        return cache[key]
+    return make
+
+
+def converter(key):
+    from mm_convert.testing import family
+    return CONVERTERS[family(MODELS[key][0]).CONVERTER](progress=False)
+
+
+@pytest.mark.parametrize("model,layout", CASES, ids=[f"{m}-{l}" for m, l in CASES])
+def test_round_trip_bit_exact(family_hf, tmp_path, model, layout):
+    hf, conv = family_hf(model), converter(model)
+    mm, back = tmp_path / "mm", tmp_path / "back"
+    conv.hf_to_mm(hf, mm, **{**LAYOUTS, **MOE_LAYOUTS}[layout])
+    assert conv.verify(hf, mm).ok
+    conv.mm_to_hf(mm, back, hf_dir=hf)
+    assert_same_tensors(load_hf_tensors(hf), load_hf_tensors(back), f"{model} {layout}")
+
+
+RESPLITS = [("qwen2vl-fp32", "tp2_pp2", "vpp"), ("qwen2vl-fp32", "vit_split", "tp1_pp1"),
+            ("qwen3vl-bf16", "vpp", "vit_split"), ("qwen3moe-fp32", "tp2_ep2_pp2", "tp2_ep4"),
+            ("qwen3moe-fp32", "tp2_ep4", "ep2_vpp"), ("qwen3moe-bf16-hub", "tp1_pp1", "tp2_ep2_pp2")]
+
+
+@pytest.mark.parametrize("model,src,dst", RESPLITS, ids=[f"{m}-{a}-to-{b}" for m, a, b in RESPLITS])
+def test_resplit_equals_direct_conversion(family_hf, tmp_path, model, src, dst):
+    hf, conv = family_hf(model), converter(model)
+    layouts = {**LAYOUTS, **MOE_LAYOUTS}
+    conv.hf_to_mm(hf, tmp_path / "src", **layouts[src])
+    conv.resplit(tmp_path / "src", tmp_path / "resplit", **layouts[dst])
+    conv.hf_to_mm(hf, tmp_path / "direct", **layouts[dst])
+    a, b = load_mm_shards(tmp_path / "resplit"), load_mm_shards(tmp_path / "direct")
+    assert set(a) == set(b)
+    for rel in a:
+        for slot in (k for k in a[rel] if k.startswith("model")):
+            assert_same_tensors(a[rel][slot], b[rel][slot], f"{rel} {slot}")
+
+
+def test_expert_shards_from_first_principles(family_hf, tmp_path):
+    """tp2 ep4 without a pipeline: shards mp_rank_TT_EEE; EP rank r holds global experts 2r, 2r + 1 as local
+    0, 1; fc1 = [gate; up] of the expert's TP slice (gate_up_proj[e] is [gate | up] along its last axis in the
+    hub layout), fc2 = down_proj[e] transposed, split on dim 1; non-expert tensors in every EP shard."""
+    hf, conv = family_hf("qwen3moe-bf16-hub"), converter("qwen3moe-bf16-hub")
+    conv.hf_to_mm(hf, tmp_path / "mm", **MOE_LAYOUTS["tp2_ep4"])
+    shards = load_mm_shards(tmp_path / "mm")
+    assert sorted(shards) == [f"mp_rank_{t:02d}_{e:03d}/model_optim_rng.pt" for t in range(2) for e in range(4)]
+    src = load_hf_tensors(hf)
+    gate_up, down = src["model.language_model.layers.0.mlp.experts.gate_up_proj"], src["model.language_model.layers.0.mlp.experts.down_proj"]
+    experts, hidden, f2 = gate_up.shape
+    f = f2 // 2
+    for t in range(2):
+        for e in range(4):
+            sd = shards[f"mp_rank_{t:02d}_{e:03d}/model_optim_rng.pt"]["model"]
+            for local in range(2):
+                g = e * 2 + local
+                p = "text_decoder.decoder.layers.0.mlp.experts.local_experts.%d." % local
+                gate, up = gate_up[g, :, :f].T, gate_up[g, :, f:].T
+                half = f // 2
+                want = torch.cat([gate[t * half:(t + 1) * half], up[t * half:(t + 1) * half]])
+                assert torch.equal(sd[p + "linear_fc1.weight"], want)
+                assert torch.equal(sd[p + "linear_fc2.weight"], down[g].T[:, t * half:(t + 1) * half])
+            assert "text_decoder.decoder.layers.0.mlp.experts.local_experts.2.linear_fc1.weight" not in sd
+            assert torch.equal(sd["text_decoder.decoder.layers.0.mlp.router.weight"],
+                               src["model.language_model.layers.0.mlp.gate.weight"])
+            assert "text_decoder.decoder.layers.1.mlp.linear_fc1.weight" in sd  # mlp_only_layers: a dense layer
+
+
+def test_deepstack_mergers_live_on_their_vision_blocks(family_hf, tmp_path):
+    """deepstack_visual_indexes [0, 2] with vision split [2, 2]: merger 0 on stage 0 block 0, merger 1 on
+    stage 1 as its local block 0; q/k norms and the learned position embedding where MindSpeed-MM puts them."""
+    hf, conv = family_hf("qwen3vl-fp32-tied"), converter("qwen3vl-fp32-tied")
+    conv.hf_to_mm(hf, tmp_path / "mm", tp_size=1, llm_pp_layers=[0, 4], vit_pp_layers=[2, 2])
+    shards = load_mm_shards(tmp_path / "mm")
+    s0, s1 = (shards[f"mp_rank_00_{p:03d}/model_optim_rng.pt"]["model"] for p in range(2))
+    src = load_hf_tensors(hf)
+    ds = "image_encoder.encoder.blocks.layers.0.deepstack_layer."
+    assert torch.equal(s0[ds + "layernorm.weight"], src["model.visual.deepstack_merger_list.0.norm.weight"])
+    assert torch.equal(s1[ds + "encoder.linear_fc2.weight"], src["model.visual.deepstack_merger_list.1.linear_fc2.weight"])
+    assert not any("layers.1.deepstack_layer" in k for k in (*s0, *s1))
+    assert torch.equal(s0["image_encoder.encoder.pos_embed.weight"], src["model.visual.pos_embed.weight"])
+    assert torch.equal(s1["text_decoder.decoder.layers.3.self_attention.k_layernorm.weight"],
+                       src["model.language_model.layers.3.self_attn.k_norm.weight"])
+    assert "text_decoder.output_layer.weight" in s1  # tied, pp 2: the last stage's copy of the embedding
+
+
+def test_impossible_parallel_sizes_are_refused(family_hf, tmp_path):
+    conv = converter("qwen3moe-fp32")
+    with pytest.raises(LayoutError, match=r"ep_size 3 does not divide the num_experts \(8\)"):
+        conv.hf_to_mm(family_hf("qwen3moe-fp32"), tmp_path / "a", tp_size=1, ep_size=3, llm_pp_layers=[4], vit_pp_layers=[4])
+    with pytest.raises(LayoutError, match="no experts"):
+        converter("qwen2vl-fp32").hf_to_mm(family_hf("qwen2vl-fp32"), tmp_path / "b", ep_size=2,
+                                            llm_pp_layers=[4], vit_pp_layers=[4])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
