@@ -1,7 +1,8 @@
 """Converters: the Python API. The CLI (cli.py) parses options and calls these methods, nothing more.
 
 A converter class binds a model spec (mm_convert/models/<family>.py) to the generic engine. Commands:
-``hf_to_mm``, ``mm_to_hf``, ``resplit``, ``verify`` and ``plan`` (a dry run of any of the first three).
+``hf_to_mm``, ``mm_to_hf``, ``resplit``, ``verify`` and ``plan`` (a dry run of any of the first three); for a
+family whose spec declares MindSpeed-MM's FSDP2 checkpoint (``DCP_KEY_SCHEME``), ``hf_to_dcp`` and ``dcp_to_hf``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from . import __version__
 from .errors import CheckpointError, ConfigError, LayoutError, MMConvertError, VerifyError
 from .execute import Loc, Ranks, Sources, default_workers, matches, run_files, write_file
+from .formats import dcp as dcp_format
 from .formats import dist
 from .formats import hf as hf_format
 from .formats import mm as mm_format
@@ -29,7 +31,8 @@ from .models.base import EXPERT_LAYOUTS
 from .manifest import (MANIFEST, check_manifest, check_sizes, files_description, finalize, plan_id, read_journal,
                        read_manifest, source_identity)
 from .output import atomic_output_dir
-from .plan import OutputFile, Ref, check_coverage, compose, hf_files_plan, hf_to_mm_plan, invert, rule_pieces
+from .plan import (HF, OutputFile, Piece, Ref, TargetTensor, check_coverage, compose, hf_files_plan, hf_to_mm_plan,
+                   invert, rule_pieces)
 from .progress import Progress
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -214,8 +217,15 @@ class Converter:
 
     def layout_of(self, mm_dir, hf_dir=None, option: str = "--cfg.mm_dir") -> ParallelLayout:
         """The layout of an MM checkpoint, read off its shards and checked against the config (from ``hf_dir``
-        or the checkpoint's manifest): what the runtime loads by."""
-        return self._open_mm(mm_dir, hf_dir, option, {}, "--cfg.parallel_config")[3]
+        or the checkpoint's manifest): what the runtime loads by. The shards' contents are the loader's to check."""
+        reader = mm_format.open_reader(mm_dir, option)
+        if hf_dir is not None:
+            cfg, source = hf_format.load_config(hf_dir), str(Path(hf_dir) / "config.json")
+        else:
+            cfg, source = (read_manifest(mm_dir) or {}).get("hf_config"), str(Path(mm_dir) / MANIFEST)
+            if not isinstance(cfg, dict):
+                raise ConfigError(f"{option} {mm_dir}: no {MANIFEST} with the model config; give the HF directory")
+        return self._shard_layout(reader, self._model(cfg, source), {}, f"{option} {mm_dir}", "--cfg.parallel_config")
 
     # ---- commands ----------------------------------------------------------------------------------------
     def hf_to_mm(self, hf_dir, mm_dir, tp_size: int = 1, llm_pp_layers=None, vit_pp_layers=None, vit_tp_size: int = 0,
@@ -269,17 +279,23 @@ class Converter:
         result = Result("mm_to_hf", str(save_hf_dir), layout.describe(), files)
         if dry_run:
             return result
-        sources = Sources(mm=reader)
-        doc = self._manifest_doc(result, layout, {
+        return self._write_hf(result, save_hf_dir, layout, Sources(mm=reader), mm_dir, hf_dir, cfg, {
             "hf_config": cfg, "hf_key_scheme": scheme, "hf_expert_layout": model.expert_layout,
-            "source": str(Path(mm_dir).absolute()), "source_identity": _mm_identity(mm_dir, reader),
-            "reference": source_identity(hf_dir, hf_format.NON_WEIGHT_FILES) if hf_dir is not None else None})
+            "source": str(Path(mm_dir).absolute()), "source_identity": _mm_identity(mm_dir, reader)}, overwrite, resume)
+
+    def _write_hf(self, result: Result, save_hf_dir, layout: ParallelLayout | None, sources: Sources, src_dir, hf_dir,
+                  cfg: dict, manifest: dict, overwrite: bool, resume: bool) -> Result:
+        """Write the planned safetensors files, the index, and the reference's config / tokenizer / processor
+        files (config.json from ``cfg`` without a reference)."""
+        files = result.files
+        doc = self._manifest_doc(result, layout, {
+            **manifest, "reference": source_identity(hf_dir, hf_format.NON_WEIGHT_FILES) if hf_dir is not None else None})
         if resume and _complete(save_hf_dir, doc):
             return self._already(result)
-        with self._output(save_hf_dir, "--cfg.save_hf_dir", [mm_dir] + ([hf_dir] if hf_dir else []), overwrite,
+        with self._output(save_hf_dir, "--cfg.save_hf_dir", [src_dir] + ([hf_dir] if hf_dir else []), overwrite,
                           resume=resume, plan_id=doc["plan"]) as out:
             todo, kept = self._todo(out, "", files, result)
-            result.bytes = self._execute(todo, out, hf_format.SafetensorsWriter(), sources, "mm_to_hf") + kept
+            result.bytes = self._execute(todo, out, hf_format.SafetensorsWriter(), sources, result.command) + kept
             if len(files) > 1:
                 hf_format.write_index(out / hf_format.INDEX, {t.key: f.path for f in files for t in f.tensors},
                                       sum(f.nbytes for f in files))
@@ -318,6 +334,75 @@ class Converter:
                 f"iteration {saved['iteration']}" if k == "iteration" else k for k in saved))
         return self._write_mm(result, target_dir, layout, Sources(mm=reader), [source_dir] + ([hf_dir] if hf_dir else []),
                               overwrite, manifest, resume, saved)
+
+    # ---- MindSpeed-MM's FSDP2 path: torch.distributed.checkpoint directories ---------------------------------
+    def _dcp_spec(self, command: str):
+        """The spec, if it declares a DCP checkpoint layout (``DCP_KEY_SCHEME``, ``DCP_PREFIX``); else a one-line refusal."""
+        if not getattr(self.spec, "DCP_KEY_SCHEME", None):
+            have = [getattr(f, "DCP_CONVERTER", None) or f.CONVERTER for f in FAMILIES if getattr(f, "DCP_KEY_SCHEME", None)]
+            raise ConfigError(f"{type(self).__name__} {command}: {self.spec.NAME} has no FSDP2 / DCP checkpoint layout "
+                              f"(hf_to_dcp and dcp_to_hf are for {', '.join(have) or 'no family'})")
+        return self.spec
+
+    def hf_to_dcp(self, hf_dir, dcp_dir, *, overwrite: bool = False, resume: bool = False,
+                  dry_run: bool = False) -> Result:
+        """Convert an HF checkpoint into MindSpeed-MM's FSDP2 checkpoint: a torch.distributed.checkpoint directory
+        ``dcp_dir/release`` (``.metadata``, ``__K_0.distcp``) of ``{"model": {DCP_PREFIX + hub key: tensor},
+        "checkpoint_version": 3.0}``, fused expert tensors viewed 2-D (the spec's ``dcp_experts``), and
+        ``dcp_dir/latest_checkpointed_iteration.txt``."""
+        self._dcp_spec("hf_to_dcp")
+        cfg, model, reader, dtypes = self._open_hf(hf_dir)
+        files = dcp_format.files(dcp_tensors(model, dtypes))
+        check_coverage(files)
+        result = Result("hf_to_dcp", str(dcp_dir), "DCP (FSDP2: global tensors)", files)
+        if dry_run:
+            return result
+        manifest = {"hf_config": cfg, "hf_key_scheme": reader.scheme, "hf_expert_layout": model.expert_layout,
+                    "source": str(Path(hf_dir).absolute()),
+                    "source_identity": source_identity(hf_dir, ["config.json", hf_format.INDEX] + reader.weight_files())}
+        return self._write_mm(result, dcp_dir, None, Sources(hf=reader), [hf_dir], overwrite, manifest, resume,
+                              save_format="dcp")
+
+    def dcp_to_hf(self, dcp_dir, save_hf_dir, hf_dir=None, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE,
+                  overwrite: bool = False, resume: bool = False, dry_run: bool = False) -> Result:
+        """Convert MindSpeed-MM's FSDP2 checkpoint (``dcp_dir``: the directory with the tracker, or the iteration
+        directory holding ``.metadata``) back to HF safetensors: experts back to 3-D, the prefix stripped, sharded
+        with an index. ``hf_dir``: the original HF directory, for config, tokenizer and processor files; its
+        weights, where present, decide the key scheme and expert layout written (else the hub's)."""
+        spec = self._dcp_spec("dcp_to_hf")
+        it_dir, root = dcp_format.resolve_dir(dcp_dir, "--cfg.dcp_dir")
+        manifest = read_manifest(root)
+        reader = dcp_format.DCPReader(it_dir)
+        check_sizes(root, manifest, [os.path.relpath(it_dir / r, root) for r in reader.files()])
+        if hf_dir is not None:
+            cfg, source = hf_format.load_config(hf_dir), str(Path(hf_dir) / "config.json")
+        elif manifest and isinstance(manifest.get("hf_config"), dict):
+            cfg, source = manifest["hf_config"], str(Path(root) / MANIFEST)
+        else:
+            raise ConfigError(f"--cfg.dcp_dir {dcp_dir}: no {MANIFEST} with the model config; pass "
+                              f"--cfg.hf_config.hf_dir (the original HF directory, for its config.json)")
+        model, scheme = self._model(cfg, source), spec.DCP_KEY_SCHEME
+        if hf_dir is not None:
+            try:
+                ref = hf_format.HFReader(hf_dir, spec.KEY_SCHEMES)
+                scheme, model = ref.scheme, self._match_expert_layout(model, ref)
+            except CheckpointError:
+                pass  # a reference dir without weights: the hub's scheme and expert layout
+        tensors = dcp_tensors(model, {n: None for n in model.shapes})
+        notes = check_dcp_keys(reader, tensors, model)
+        shapes = model.shapes
+        inv = invert([OutputFile(it_dir.name, {dcp_format.STATE_KEY: tensors})], shapes)
+        files = hf_files_plan(inv, shapes, lambda r: reader.meta(r)[0],
+                              lambda n: hf_format.from_legacy(n, scheme, spec.KEY_SCHEMES), parse_size(max_shard_size))
+        check_coverage(files)
+        result = Result("dcp_to_hf", str(save_hf_dir), "DCP (FSDP2: global tensors) -> HF", files, notes=notes)
+        if dry_run:
+            return result
+        return self._write_hf(result, save_hf_dir, None, Sources(mm=reader), dcp_dir, hf_dir, cfg, {
+            "hf_config": cfg, "hf_key_scheme": scheme, "hf_expert_layout": model.expert_layout,
+            "source": str(Path(dcp_dir).absolute()),
+            "source_identity": source_identity(root, [os.path.relpath(it_dir / r, root) for r in reader.files()]
+                                               + [mm_format.TRACKER, MANIFEST])}, overwrite, resume)
 
     def verify(self, hf_dir, mm_dir, tp_size=None, llm_pp_layers=None, vit_pp_layers=None, vit_tp_size=None,
                *, ep_size=None) -> VerifyReport:
@@ -377,7 +462,7 @@ class Converter:
                   resume: bool = False, saved: dict | None = None, save_format: str = "torch"):
         """``saved``: a training save's ``iteration`` (the output goes to iter_NNNNNNN) and ``args``, kept in
         every shard; without them the output is a ``release`` checkpoint."""
-        option = "--cfg.target_dir" if result.command == "resplit" else "--cfg.mm_dir"
+        option = {"resplit": "--cfg.target_dir", "hf_to_dcp": "--cfg.dcp_dir"}.get(result.command, "--cfg.mm_dir")
         saved = saved or {}
         iteration = saved.get("iteration", "release")
         doc = self._manifest_doc(result, layout, {**manifest, "iteration": iteration, "save_format": save_format})
@@ -386,20 +471,25 @@ class Converter:
         with self._output(mm_dir, option, src_dirs, overwrite, resume=resume, plan_id=doc["plan"]) as out:
             sub = mm_format.iteration_dir_name(iteration)
             todo, kept = self._todo(out, sub + "/", result.files, result)
-            writer = dist.DistWriter() if save_format == "torch_dist" else mm_format.ShardWriter(saved)
+            writer = {"torch_dist": dist.DistWriter, "dcp": lambda: dcp_format.DCPWriter(result.files)}.get(
+                save_format, lambda: mm_format.ShardWriter(saved))()
             result.bytes = self._execute(todo, out / sub, writer, sources, result.command) + kept
             if save_format == "torch_dist":
                 dist.write_side_files(out / sub, [(f.path, [(t.key, t.dtype, t.shape) for t in f.slots["model"]])
                                                   for f in result.files], {"checkpoint_version": 3.0, **saved})
+            elif save_format == "dcp":
+                dcp_format.write_metadata(out / sub, result.files)
             mm_format.write_tracker(out, iteration)
             finalize(out, doc, expect=[sub + "/" + f.path for f in result.files])
         result.seconds = time.monotonic() - self._t0
         return result
 
     @staticmethod
-    def _manifest_doc(result: Result, layout: ParallelLayout, extra: dict) -> dict:
-        """What the manifest records besides the files; ``plan`` hashes it together with every planned tensor."""
-        doc = {"tool": "mm_convert", "version": __version__, "command": result.command, "layout": layout.to_dict(), **extra}
+    def _manifest_doc(result: Result, layout: ParallelLayout | None, extra: dict) -> dict:
+        """What the manifest records besides the files; ``plan`` hashes it together with every planned tensor.
+        ``layout`` None: an output without a parallel layout (DCP, HF from DCP)."""
+        doc = {"tool": "mm_convert", "version": __version__, "command": result.command,
+               "layout": layout.to_dict() if layout is not None else None, **extra}
         doc["plan"] = plan_id({**doc, "files": files_description(result.files)})
         return doc
 
@@ -545,15 +635,63 @@ def dist_files(plan: list[OutputFile]) -> list[OutputFile]:
     """A tp 1, pp 1 plan (one shard) as torch_dist record files ``__K_0.distcp`` of at most DIST_FILE_BYTES
     each (a file per writer; the cut depends on the model only, so the output does not depend on the workers)."""
     (shard,) = plan
-    files, current, size = [], [], 0
-    for t in shard.slots["model"]:
-        if current and size + t.nbytes > DIST_FILE_BYTES:
-            files.append(current)
-            current, size = [], 0
-        current.append(t)
-        size += t.nbytes
-    files.append(current)
-    return [OutputFile(f"__{k}_0.distcp", {"model": ts}) for k, ts in enumerate(files)]
+    return dist.record_files(shard.slots["model"], "model", DIST_FILE_BYTES)
+
+
+def dcp_key(spec: ModuleType, name: str) -> str:
+    """The key of an HF tensor (legacy name) inside the model entry of a DCP checkpoint."""
+    return spec.DCP_PREFIX + hf_format.from_legacy(name, spec.DCP_KEY_SCHEME, spec.KEY_SCHEMES)
+
+
+def dcp_tensors(model: "BoundModel", dtypes: dict) -> list[TargetTensor]:
+    """The tensors of a DCP checkpoint, each made of pieces of the HF tensors (``model``'s shapes, in its expert
+    layout): a plain copy, or for a fused 3-D expert tensor [E, A, B] (hub layout) the 2-D [E * A, B] it is stored
+    as, one piece per expert (transposed when the files hold experts in the other layout)."""
+    spec = model.spec
+    fused = spec.dcp_experts(model.cfg, model.expert_layout) if hasattr(spec, "dcp_experts") else {}
+    out = []
+    for name, shape in model.shapes.items():
+        src = Ref(HF, "", name)
+        if name in fused:
+            experts, (a, b), transposed = fused[name]
+            pieces = [Piece(src, (e, 0, 0), (e * a, 0), (a, b), transposed) for e in range(experts)]
+            out.append(TargetTensor(dcp_key(spec, name), (experts * a, b), dtypes[name], pieces))
+        else:
+            zeros = (0,) * len(shape)
+            out.append(TargetTensor(dcp_key(spec, name), tuple(shape), dtypes[name], [Piece(src, zeros, zeros, tuple(shape))]))
+    return out
+
+
+def check_dcp_keys(reader: "dcp_format.DCPReader", tensors: list[TargetTensor], model: "BoundModel") -> list[str]:
+    """The DCP checkpoint's model entry holds exactly ``tensors`` (keys and shapes), in one dtype; a tied
+    model's copy of the embeddings as the output layer is allowed and skipped (returned as a note)."""
+    where = reader.iter_dir / dist.DCP_METADATA
+    have = reader.keys()
+    slot = reader.slot
+    want = {t.key: t for t in tensors}
+    missing = [k for k in want if k not in have]
+    t, v = model.cfg.text, model.cfg.vision
+    if missing:
+        raise CheckpointError(f"{where}: tensor {slot}.{missing[0]} is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + f"; expected by config.json ({t.num_layers} layers, vision depth {v.depth}"
+                              + (", tied embeddings" if t.tie_word_embeddings else "") + ")")
+    notes = []
+    copy = getattr(model.spec, "DCP_TIED_COPY", None)
+    skip = dcp_key(model.spec, copy) if copy and t.tie_word_embeddings else None
+    extra = sorted(k for k in have if k not in want and k != skip)
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensor {slot}.{extra[0]}"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                              + f"; it is not part of a {model.spec.NAME} model with this config.json")
+    if skip in have:
+        notes.append(f"skipped {slot}.{skip}: the output layer of a tied model, a copy of the embeddings")
+    for k, tt in want.items():
+        if tuple(have[k].shape) != tuple(tt.shape):
+            raise CheckpointError(f"{where}: {slot}.{k} has shape {list(have[k].shape)}, config.json expects "
+                                  f"{list(tt.shape)}")
+    check_one_dtype((where, f"{slot}.{k}", have[k].dtype) for k in want)
+    return notes
 
 
 def _with_layout(saved: dict, layout: ParallelLayout) -> dict:

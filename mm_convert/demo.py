@@ -10,6 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from .models import DEFAULT
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -18,7 +20,7 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .converter import Qwen2_5_VLConverter
+    from .converter import CONVERTERS
     from .execute import same_bits
     from .formats.hf import HFReader
     from .testing import make_tiny_hf_checkpoint
@@ -28,13 +30,13 @@ def main(argv=None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     hf, mm, mm2, back = work / "hf", work / "mm_tp2_pp2", work / "mm_tp1_pp2_vpp2", work / "hf_back"
     make_tiny_hf_checkpoint(hf, dtype="bfloat16", max_shard_size="100KB")
-    conv = Qwen2_5_VLConverter(progress=False)
+    conv = CONVERTERS[DEFAULT.CONVERTER](progress=False)
     steps = [
         conv.hf_to_mm(hf, mm, tp_size=2, llm_pp_layers=[[1, 3]], vit_pp_layers=[[4, 0]]),
         conv.resplit(mm, mm2, tp_size=1, llm_pp_layers=[[0, 1], [1, 2]], vit_pp_layers=[[4, 0], [0, 0]]),
         conv.mm_to_hf(mm2, back, hf_dir=hf, max_shard_size="100KB"),
     ]
-    table = Table(title="mm_convert demo: tiny Qwen2.5-VL (bf16, bundled config)", title_justify="left")
+    table = Table(title=f"mm_convert demo: tiny {DEFAULT.NAME} (bf16, bundled config)", title_justify="left")
     for c in ("step", "layout", "files", "tensors", "bytes"):
         table.add_column(c)
     for r in steps:
@@ -58,11 +60,12 @@ def main(argv=None) -> int:
 
 def _logit_diff(hf_a: Path, hf_b: Path) -> float:
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    import transformers
+    model_cls = getattr(transformers, next(iter(DEFAULT.HF_CLASSES.values()))[1])
     ids = torch.arange(1, 17).unsqueeze(0)
     out = []
     for d in (hf_a, hf_b):
-        m = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, torch_dtype=torch.float32).eval()
+        m = model_cls.from_pretrained(d, torch_dtype=torch.float32).eval()
         with torch.no_grad():
             out.append(m(input_ids=ids).logits)
     return (out[0] - out[1]).abs().max().item()

@@ -81,6 +81,11 @@ class ParallelLayout:
         return len(self.llm_pp_layers)
 
     @property
+    def model_ranks(self) -> int:
+        """Processes one copy of the model runs on: tp x pp x ep."""
+        return self.tp_size * self.pp_size * self.ep_size
+
+    @property
     def num_positions(self) -> int:
         return self.pp_size * self.vpp_size
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from .models import FAMILIES
 
-DEFAULT_FAMILY = "Qwen2.5-VL"
+from .models import DEFAULT
+
+DEFAULT_FAMILY = DEFAULT.NAME
 
 
 def family(name: str = DEFAULT_FAMILY):
@@ -83,10 +85,12 @@ def make_tiny_hf_checkpoint(
     model.save_pretrained(out, **kwargs)
     if config_style in ("published", "flat"):
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    _rewrite_tensors(out, load_file, save_file, spec.KEY_SCHEMES, scheme, expert_layout == "hub")
+    _rewrite_tensors(out, load_file, save_file, spec.KEY_SCHEMES, scheme,
+                     tuple(getattr(spec, "FUSED_EXPERTS", ())) if expert_layout == "hub" else ())
     from .tiny_tokenizer import write_tiny_processor
 
-    write_tiny_processor(out)  # tokenizer, chat template, image processor: the runtime and check_logits need them
+    # tokenizer, chat template, image processor: the runtime and check_logits need them
+    write_tiny_processor(out, spec.HF_PROCESSOR, spec.config_from_hf(cfg, "tiny").vision.patch_size)
     return out
 
 
@@ -96,11 +100,12 @@ def _set_dtype(cfg: dict, dtype: str) -> None:
     cfg["torch_dtype"] = dtype
 
 
-def _rewrite_tensors(out: Path, load_file, save_file, schemes: dict, scheme: str | None, hub_experts: bool) -> None:
+def _rewrite_tensors(out: Path, load_file, save_file, schemes: dict, scheme: str | None, fused: tuple) -> None:
     """Rename keys to another scheme and/or store fused expert tensors as the published files do
     (transposed: [experts, hidden, 2 x intermediate] and [experts, intermediate, hidden])."""
     from .formats.hf import from_legacy, to_legacy
 
+    hub_experts = bool(fused)  # key suffixes of the fused expert tensors, to transpose into the hub layout
     if scheme is None and not hub_experts:
         return
 
@@ -111,8 +116,7 @@ def _rewrite_tensors(out: Path, load_file, save_file, schemes: dict, scheme: str
     for f in sorted(p.name for p in out.glob("*.safetensors")):
         sd = load_file(out / f)
         if hub_experts:
-            sd = {k: v.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else v
-                  for k, v in sd.items()}
+            sd = {k: v.transpose(1, 2).contiguous() if k.endswith(fused) else v for k, v in sd.items()}
         save_file({rename(k): v for k, v in sd.items()}, out / f, metadata={"format": "pt"})
     if index_path.exists():
         index = json.loads(index_path.read_text())

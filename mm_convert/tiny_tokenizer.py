@@ -48,7 +48,6 @@ CHAT_TEMPLATE = (
 # Small pixel bounds: a 56x56 image gives a 4x4 patch grid (4 LLM tokens); nothing grows past 16x16 patches.
 IMAGE_PROCESSOR = {
     "image_processor_type": "Qwen2VLImageProcessor",
-    "processor_class": "Qwen2_5_VLProcessor",
     "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
     "do_convert_rgb": True, "resample": 3,
     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
@@ -78,8 +77,9 @@ def build_tokenizer():
     return tok
 
 
-def write_tiny_processor(out_dir: str | os.PathLike) -> Path:
-    """Write tokenizer, chat template and image/processor configs into ``out_dir`` (created if missing)."""
+def write_tiny_processor(out_dir: str | os.PathLike, processor_class: str, patch_size: int = 14) -> Path:
+    """Write tokenizer, chat template and image/processor configs into ``out_dir`` (created if missing);
+    ``processor_class`` and ``patch_size`` are the family's (its spec's HF_PROCESSOR, its vision patch)."""
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
@@ -94,9 +94,13 @@ def write_tiny_processor(out_dir: str | os.PathLike) -> Path:
     tok.save_pretrained(out)
     cfg = json.loads((out / "tokenizer_config.json").read_text())
     cfg["tokenizer_class"] = "Qwen2Tokenizer"  # what the published checkpoints name
-    cfg["processor_class"] = "Qwen2_5_VLProcessor"
+    cfg["processor_class"] = processor_class
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR, indent=2) + "\n")
+    unit = patch_size * IMAGE_PROCESSOR["merge_size"]  # pixels per LLM token side
+    improc = {**IMAGE_PROCESSOR, "processor_class": processor_class, "patch_size": patch_size,
+              "min_pixels": (2 * unit) ** 2, "max_pixels": (8 * unit) ** 2,
+              "size": {"shortest_edge": (2 * unit) ** 2, "longest_edge": (8 * unit) ** 2}}
+    (out / "preprocessor_config.json").write_text(json.dumps(improc, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out
 

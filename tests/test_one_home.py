@@ -45,8 +45,9 @@ def forbidden() -> dict[str, str]:
         frags |= {spec.CONVERTER, getattr(spec, "DCP_CONVERTER", spec.CONVERTER), spec.NAME}
         for f in frags:
             out.setdefault(f, spec.NAME)
-    # Megatron's own TransformerLayer vocabulary (every family's and the torch_dist format's), not a family's
-    for generic in ("self_attention", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "input_layernorm",
+    # Megatron's own TransformerLayer vocabulary (every family's and the torch_dist format's), and the two
+    # top-level modules of MindSpeed-MM's VLM tree (its model.json keys), not a family's
+    for generic in ("image_encoder", "text_decoder", "self_attention", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "input_layernorm",
                     "pre_mlp_layernorm", "final_layernorm", "layer_norm", "local_experts", "word_embeddings",
                     "output_layer", "self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
                     "mlp.linear_fc2", "mlp.experts", "experts.local_experts", "decoder.layers", "decoder.final_layernorm",

@@ -324,7 +324,7 @@ def test_tiny_processor_loads_offline(tmp_path):
     from mm_convert.testing import tiny_config_dict
     from mm_convert.tiny_tokenizer import SPECIAL_TOKENS, write_tiny_processor
 
-    write_tiny_processor(tmp_path)
+    write_tiny_processor(tmp_path, "Qwen2_5_VLProcessor")
     tok = AutoTokenizer.from_pretrained(tmp_path)
     assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(300, 308))
     assert tok.decode(tok("héllo wörld")["input_ids"]) == "héllo wörld"  # byte-level: any text round-trips

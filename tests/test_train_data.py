@@ -22,7 +22,7 @@ def processors(tmp_path_factory):
     from mm_convert.tiny_tokenizer import write_tiny_processor
     from train.inputs import load_processors
     d = tmp_path_factory.mktemp("proc")
-    write_tiny_processor(d)
+    write_tiny_processor(d, "Qwen2_5_VLProcessor")
     return load_processors(d)
 
 

@@ -23,9 +23,9 @@ from .launch import launch_local, worker_main
 
 
 def hf_loss_and_grads(hf_dir, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from .check_logits import reference_class
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).train()
+    model = reference_class(hf_dir).from_pretrained(hf_dir, dtype=torch.float32).train()
     ids = batch["input_ids"]
     kw = {"input_ids": ids, "labels": batch["labels"], "attention_mask": (batch["attention_mask"]),
           "mm_token_type_ids": (ids == model.config.image_token_id).int()}
@@ -40,19 +40,20 @@ def engine_loss_and_grads(mm_dir, hf_dir, cfg: ModelConfig, layout: ParallelLayo
                           timeout: float = 600, recompute: str | None = None) -> tuple[float, dict[str, torch.Tensor]]:
     """Run the ranks; return their loss and their gradients under transformers' parameter names (plus the
     engine's global grad norm under ``<grad_norm>``)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from mm_convert.converter import converter_for
 
-    from mm_convert import Qwen2_5_VLConverter
+    from .check_logits import reference_class
+    from .config import read_hf_config
 
     with tempfile.TemporaryDirectory(prefix="mm_grads_") as tmp:
         torch.save({k: v for k, v in batch.items() if k != "attention_mask"}, Path(tmp, "batch.pt"))
         job = {"mm_dir": str(mm_dir), "config": cfg.to_dict(), "layout": layout.to_dict(), "batch": f"{tmp}/batch.pt",
                "out": f"{tmp}/grads", "recompute": recompute}
         Path(tmp, "job.json").write_text(json.dumps(job))
-        launch_local("train.check_grads", [f"{tmp}/job.json"], layout.tp_size * layout.pp_size, timeout=timeout)
+        launch_local("train.check_grads", [f"{tmp}/job.json"], layout.model_ranks, timeout=timeout)
         write_tracker(Path(job["out"]), "release")
-        Qwen2_5_VLConverter(progress=False).mm_to_hf(job["out"], f"{tmp}/hf", hf_dir=hf_dir)
-        grads = Qwen2_5_VLForConditionalGeneration.from_pretrained(f"{tmp}/hf", dtype=torch.float32)
+        converter_for(read_hf_config(hf_dir)[0], progress=False).mm_to_hf(job["out"], f"{tmp}/hf", hf_dir=hf_dir)
+        grads = reference_class(hf_dir).from_pretrained(f"{tmp}/hf", dtype=torch.float32)
         out = torch.load(f"{tmp}/loss.pt", weights_only=True)
         named = {n: p.detach().clone() for n, p in grads.named_parameters()}
         named["<grad_norm>"] = torch.tensor(out["grad_norm"])  # the engine's global norm, for the caller

@@ -18,7 +18,7 @@ from mm_convert.errors import VerifyError
 from mm_convert.layout import ParallelLayout
 
 from .checkpoint import read_shard, shard_path
-from .config import ModelConfig
+from .config import ModelConfig, spec_of
 from .inputs import build_inputs, hf_kwargs, load_processors
 from .launch import launch_local, worker_main
 from .model import check_divisible
@@ -35,7 +35,7 @@ def default_image():
 
 
 def check_logits(mm_dir, hf_dir, tp_size: int | None = None, llm_pp_layers=None, vit_pp_layers=None,
-                 tolerance: float = 1e-5, *, vit_tp_size: int | None = None, image=None,
+                 tolerance: float = 1e-5, *, vit_tp_size: int | None = None, ep_size: int | None = None, image=None,
                  prompt: str = DEFAULT_PROMPT, text_only: bool = True, processor_dir=None, timeout: float = 1800,
                  log=print) -> float:
     """Max abs logit difference over an image+text input (and a text-only one); VerifyError above tolerance.
@@ -44,7 +44,7 @@ def check_logits(mm_dir, hf_dir, tp_size: int | None = None, llm_pp_layers=None,
     (default: a fixed random image). processor_dir: where the tokenizer and image processor files are
     (default hf_dir)."""
     cfg = ModelConfig.from_hf(hf_dir)
-    if None in (tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size):
+    if None in (tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, ep_size):
         from mm_convert.converter import converter_for
 
         from .config import read_hf_config
@@ -54,7 +54,8 @@ def check_logits(mm_dir, hf_dir, tp_size: int | None = None, llm_pp_layers=None,
         llm_pp_layers = [list(c) for c in found.llm_pp_layers] if llm_pp_layers is None else llm_pp_layers
         vit_pp_layers = [list(c) for c in found.vit_pp_layers] if vit_pp_layers is None else vit_pp_layers
         vit_tp_size = found.vit_tp_size if vit_tp_size is None else vit_tp_size
-    layout = ParallelLayout.create(tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size)
+        ep_size = found.ep_size if ep_size is None else ep_size
+    layout = ParallelLayout.create(tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, ep_size=ep_size)
     check_divisible(cfg, layout)  # before the (possibly long) transformers run
     tok, improc = load_processors(processor_dir or hf_dir)
     cases = {"image+text": build_inputs(tok, improc, cfg, prompt, image if image is not None else default_image())}
@@ -82,13 +83,21 @@ def shard_dtype(mm_dir, layout: ParallelLayout) -> torch.dtype:
 def hf_logits(hf_dir, cases: dict, dtype: torch.dtype | str = "auto") -> dict[str, torch.Tensor]:
     """transformers' logits (as float32) for each input, computed in ``dtype`` (the runtime's, so that both
     round alike); the model is freed before the runtime starts."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).eval()
+    model = reference_class(hf_dir).from_pretrained(hf_dir, dtype=dtype).eval()
     with torch.inference_mode():
         out = {name: model(**hf_kwargs(c)).logits.float() for name, c in cases.items()}
     del model
     return out
+
+
+def reference_class(hf_dir):
+    """transformers' model class of the checkpoint's family (the spec names it)."""
+    import transformers
+
+    from .config import read_hf_config
+
+    cfg = read_hf_config(hf_dir)[0]
+    return getattr(transformers, spec_of(ModelConfig.from_hf(cfg)).HF_CLASSES[cfg["model_type"]][1])
 
 
 def run_local(mm_dir, cfg: ModelConfig, layout: ParallelLayout, cases: dict, tasks: list[dict], *,
@@ -104,7 +113,7 @@ def run_local(mm_dir, cfg: ModelConfig, layout: ParallelLayout, cases: dict, tas
                "inputs": str(Path(tmp, "inputs.pt")),
                "tasks": [{**t, "out": str(Path(tmp, f"task{i}.pt"))} for i, t in enumerate(tasks)]}
         Path(tmp, "job.json").write_text(json.dumps(job))
-        launch_local("train.check_logits", [str(Path(tmp, "job.json"))], layout.tp_size * layout.pp_size,
+        launch_local("train.check_logits", [str(Path(tmp, "job.json"))], layout.model_ranks,
                      timeout=timeout)
         return [torch.load(t["out"], weights_only=True) for t in job["tasks"]]
 
@@ -117,7 +126,7 @@ def run_tasks(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     rt = Runtime(ModelConfig.from_dict(job["config"]), ParallelLayout.create(**job["layout"]), job["mm_dir"])
     cases = torch.load(job["inputs"], weights_only=True)
-    writer = rt.ps.rank == rt.sampler_rank
+    writer = rt.ps.rank == rt.sampler_rank  # one rank writes (EP replicas compute the same logits)
     for task in job["tasks"]:
         inputs = cases[task["case"]]
         if task["kind"] == "logits":

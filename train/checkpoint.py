@@ -13,11 +13,14 @@ from mm_convert.plan import shard_path as relative_shard_path
 from mm_convert.plan import slot_name
 
 
-def shard_path(mm_dir: str | os.PathLike, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
-    """``<mm_dir>/<release|iter_NNNNNNN>/mp_rank_TT[_PPP]/model_optim_rng.pt`` (the PP suffix only when pp > 1)."""
-    path = resolve_iteration_dir(mm_dir) / relative_shard_path(tp_rank, pp_rank, pp_size)
+def shard_path(mm_dir: str | os.PathLike, tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0,
+               ep_size: int = 1) -> Path:
+    """``<mm_dir>/<release|iter_NNNNNNN>/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`` (PP suffix when pp > 1,
+    EP suffix when ep > 1)."""
+    path = resolve_iteration_dir(mm_dir) / relative_shard_path(tp_rank, pp_rank, pp_size, ep_rank, ep_size)
     if not path.exists():
-        raise CheckpointError(f"{path}: missing shard for tp rank {tp_rank}, pp rank {pp_rank}")
+        raise CheckpointError(f"{path}: missing shard for tp rank {tp_rank}, pp rank {pp_rank}"
+                              + (f", ep rank {ep_rank}" if ep_size > 1 else ""))
     return path
 
 

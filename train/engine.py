@@ -14,11 +14,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mm_convert.errors import LayoutError
 from mm_convert.layout import ParallelLayout
+from mm_convert.models.base import trainable_group
 from mm_convert.plan import slot_name
 
 from .checkpoint import load_strict, read_shard, shard_path
-from .config import ModelConfig
+from .config import ModelConfig, spec_of
 from .data import IGNORE
 from .model import ImageEncoder, StageModel, check_divisible
 from .parallel import ColumnLinear, Group, ParallelState, RowLinear, VocabEmbedding, init_parallel
@@ -30,7 +32,10 @@ class TrainModel:
                  train_vit: bool = False, train_projector: bool = True, recompute: str | None = None,
                  recompute_layers: int | None = None, ps: ParallelState | None = None):
         check_divisible(cfg, layout)
-        self.cfg, self.layout = cfg, layout
+        if layout.ep_size > 1:
+            raise LayoutError(f"ep_size {layout.ep_size}: training with expert parallelism is not supported by this "
+                              f"runtime yet; resplit the checkpoint to ep_size 1 (mm-convert ... resplit) to fine-tune")
+        self.cfg, self.layout, self.spec = cfg, layout, spec_of(cfg)
         self.ps = ps or init_parallel(layout.tp_size, layout.pp_size, layout.vit_tp_size, dp_size)
         self.last = layout.last_position("llm")
         self.emb_group = self._embedding_group()
@@ -45,11 +50,9 @@ class TrainModel:
                 stage = StageModel(cfg, layout, pos, self.ps)
             load_strict(stage, {k: t.clone().float() for k, t in state.items()}, f"{path} [{slot_name(v, layout.vpp_size)}]")
             stage.to(self.ps.device).train()
+            trains = {"vision": train_vit, "projector": train_projector}  # MindSpeed-MM's defaults: False, True
             for name, p in stage.named_parameters():
-                # MindSpeed-MM's defaults: vision encoder frozen, projector (image_encoder.projector) trained
-                frozen = (name.startswith("image_encoder.encoder.") and not train_vit) or \
-                         (name.startswith("image_encoder.projector.") and not train_projector)
-                p.requires_grad_(not frozen)
+                p.requires_grad_(trains.get(trainable_group(self.spec, name), True))
             for m in stage.modules():
                 if isinstance(m, ImageEncoder):
                     m.recompute, m.recompute_layers = recompute, recompute_layers
@@ -80,9 +83,9 @@ class TrainModel:
         owner = stage.get_submodule(name.rsplit(".", 1)[0])
         split = (isinstance(owner, (ColumnLinear, VocabEmbedding)) or type(owner).__name__ == "OutputLayer"
                  or (isinstance(owner, RowLinear) and name.endswith("weight")))
-        if name.startswith("text_decoder.output_layer") and self.emb_group is not None:
+        if name == self.spec.TIED_PAIR[1] and self.emb_group is not None:
             return 0  # the tied embedding's copy on the last stage
-        if name.startswith("image_encoder."):
+        if trainable_group(self.spec, name) in ("vision", "projector"):
             return self.ps.vit_ratio if split else self.ps.tp_size
         return 1 if split else self.ps.tp_size
 
@@ -167,7 +170,7 @@ class TrainModel:
                 dist.all_reduce(p.grad, group=self.ps.dp.group)
         if self.emb_group is not None:
             for _, n, p in self.named_parameters():
-                if n in ("text_decoder.embedding.word_embeddings.weight", "text_decoder.output_layer.weight"):
+                if n in self.spec.TIED_PAIR:
                     dist.all_reduce(p.grad, group=self.emb_group.group)
 
     def grad_norm(self) -> float:

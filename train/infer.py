@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if "RANK" not in os.environ:  # not under torchrun: start the ranks here
         layout = settings(args)["layout"]
-        launch_local("train.infer", list(sys.argv[1:] if argv is None else argv), layout.tp_size * layout.pp_size,
+        launch_local("train.infer", list(sys.argv[1:] if argv is None else argv), layout.model_ranks,
                      show_rank0=True, timeout=None)
         return
     worker_main(run, args)

@@ -117,6 +117,11 @@ class ParallelState:
     vit: Group  # the vision encoder's TP group (smaller when vit_tp_size < tp_size)
     dp: Group | None = None  # data-parallel replicas of this rank's shard (training)
     vit_ratio: int = 1       # tp_size // vit_tp_size: ranks holding the same vision slice
+    ep: Group | None = None  # expert parallel: contiguous groups of ep_size data-parallel ranks, each with other experts
+
+    @property
+    def ep_rank(self) -> int:
+        return self.ep.rank if self.ep else 0
 
     @property
     def dp_size(self) -> int:
@@ -139,9 +144,10 @@ class ParallelState:
         return self.dp_rank * self.tp_size * self.pp_size + pp_rank * self.tp_size + tp_rank
 
 
-def init_parallel(tp_size: int, pp_size: int, vit_tp_size: int = 0, dp_size: int = 1) -> ParallelState:
-    """Join the process group and build the TP (and DP) groups. Every rank creates every group (torch requires
-    it). rank = dp_rank * tp * pp + pp_rank * tp + tp_rank: each data-parallel replica is a contiguous block."""
+def init_parallel(tp_size: int, pp_size: int, vit_tp_size: int = 0, dp_size: int = 1, ep_size: int = 1) -> ParallelState:
+    """Join the process group and build the TP (and DP, EP) groups. Every rank creates every group (torch
+    requires it). rank = dp_rank * tp * pp + pp_rank * tp + tp_rank: each data-parallel replica is a contiguous
+    block; EP groups are ep_size consecutive data-parallel replicas (ep rank = dp_rank % ep_size)."""
     backend, device = pick_backend()
     if not dist.is_initialized():
         dist.init_process_group(backend)
@@ -166,13 +172,21 @@ def init_parallel(tp_size: int, pp_size: int, vit_tp_size: int = 0, dp_size: int
                 vg = (g if ratio == 1 else dist.new_group(vranks)) if vit_tp > 1 else None
                 if (d, p) == (dp_rank, pp_rank) and tp_rank % ratio == o:
                     vit = Group(vg, tp_rank // ratio, vit_tp)
-    dp = None
+    dp = ep = None
+    if dp_size % ep_size:
+        raise RuntimeError(f"ep_size {ep_size} must divide the data-parallel size {dp_size}")
     if dp_size > 1:
         for l in range(mp):
             g = dist.new_group([d * mp + l for d in range(dp_size)])
             if l == local:
                 dp = Group(g, dp_rank, dp_size)
-    return ParallelState(rank, world, tp_size, pp_size, device, tp, vit, dp, ratio)
+            if ep_size > 1:
+                for k in range(dp_size // ep_size):
+                    members = [d * mp + l for d in range(k * ep_size, (k + 1) * ep_size)]
+                    g = g if ep_size == dp_size else dist.new_group(members)
+                    if rank in members:
+                        ep = Group(g, dp_rank % ep_size, ep_size)
+    return ParallelState(rank, world, tp_size, pp_size, device, tp, vit, dp, ratio, ep)
 
 
 # ---- activations between pipeline stages --------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Index math of Qwen2.5-VL: window order of the vision encoder, 2D vision rotary, 3D multimodal RoPE (mrope).
+"""Index math of the Qwen-VL line: window order of the vision encoder, 2D vision rotary, the learned position
+embedding's bilinear resampling, 3D multimodal RoPE (mrope, banded or interleaved).
 
 Pure functions of the image grids and token ids, so every pipeline stage recomputes them locally instead of
 receiving them from the previous stage.
@@ -52,6 +53,32 @@ def vision_rotary(grid_thw: torch.Tensor, merge: int, head_dim: int, theta: floa
     return emb.cos(), emb.sin()
 
 
+def interpolated_positions(grid_thw: torch.Tensor, merge: int, table: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (N, 4) into a square table of ``table`` learned embeddings and their bilinear weights (N, 4)
+    (corners aligned), for each patch of each image in merge-block order (the patch embedding's order)."""
+    side = int(round(table ** 0.5))
+    idx, wts = [], []
+    for t, h, w in grid_thw.tolist():
+        def axis(n):
+            src = torch.arange(n, dtype=torch.float32) * (side - 1) / max(n - 1, 1)
+            lo = src.floor()
+            frac = src - lo
+            lo = lo.long()
+            return lo, (lo + 1).clamp(max=side - 1), frac
+        r0, r1, dr = axis(h)
+        c0, c1, dc = axis(w)
+        ri, ci = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        shape = (h // merge, merge, w // merge, merge)
+        ri, ci = (g.reshape(shape).transpose(1, 2).flatten() for g in (ri, ci))  # merge-block order
+        taps = torch.stack([r0[ri] * side + c0[ci], r0[ri] * side + c1[ci], r1[ri] * side + c0[ci],
+                            r1[ri] * side + c1[ci]], dim=-1)
+        a, b = dr[ri], dc[ci]
+        weights = torch.stack([(1 - a) * (1 - b), (1 - a) * b, a * (1 - b), a * b], dim=-1)
+        idx.append(taps.repeat(t, 1))
+        wts.append(weights.repeat(t, 1))
+    return torch.cat(idx), torch.cat(wts)
+
+
 def mrope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, image_token_id: int,
                     merge: int) -> tuple[torch.Tensor, int]:
     """3D positions (3, 1, S) of one sequence and the offset ``delta`` that later (decoded) tokens add to their
@@ -78,13 +105,23 @@ def mrope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None
     return pos.unsqueeze(1), int(pos.max()) + 1 - len(ids)
 
 
-def text_rotary(position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section, dtype):
-    """cos, sin (B, S, head_dim) for mrope: rotary frequency band i takes its angle from axis
-    (temporal, height, width)[i % 3] along the bands of ``mrope_section``."""
+def text_rotary(position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section, dtype,
+                interleaved: bool = False):
+    """cos, sin (B, S, head_dim) for mrope. Banded (Qwen2/2.5-VL): rotary frequency band i takes its angle
+    from axis (temporal, height, width)[i % 3] along the bands of ``mrope_section``. Interleaved (Qwen3-VL):
+    frequency j takes height when j % 3 == 1 and j < 3 * sections[1], width when j % 3 == 2 and
+    j < 3 * sections[2], else time."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
     freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # (3, B, S, head_dim/2)
-    bands = freqs.split(list(mrope_section), dim=-1)
-    freqs = torch.cat([band[i % 3] for i, band in enumerate(bands)], dim=-1)
+    if interleaved:
+        out = freqs[0].clone()
+        for axis in (1, 2):
+            sl = slice(axis, 3 * mrope_section[axis], 3)
+            out[..., sl] = freqs[axis, ..., sl]
+        freqs = out
+    else:
+        bands = freqs.split(list(mrope_section), dim=-1)
+        freqs = torch.cat([band[i % 3] for i, band in enumerate(bands)], dim=-1)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

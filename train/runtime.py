@@ -25,10 +25,11 @@ class Runtime:
                  ps: ParallelState | None = None):
         check_divisible(cfg, layout)
         self.cfg, self.layout = cfg, layout
-        self.ps = ps or init_parallel(layout.tp_size, layout.pp_size, layout.vit_tp_size)
+        # expert parallel: ep replicas of the pipeline run the same tokens, each with its own experts
+        self.ps = ps or init_parallel(layout.tp_size, layout.pp_size, layout.vit_tp_size, layout.ep_size, layout.ep_size)
         self.last = layout.last_position("llm")
         self.cache: dict | None = None
-        path = shard_path(mm_dir, self.ps.tp_rank, self.ps.pp_rank, layout.pp_size)
+        path = shard_path(mm_dir, self.ps.tp_rank, self.ps.pp_rank, layout.pp_size, self.ps.ep_rank, layout.ep_size)
         states = read_shard(path, layout.vpp_size)  # only this rank's own file is opened
         self.stages = {}
         for v, state in enumerate(states):
@@ -44,8 +45,8 @@ class Runtime:
 
     @property
     def sampler_rank(self) -> int:
-        """The global rank that picks tokens: TP rank 0 of the last LLM position."""
-        return self.ps.global_rank(0, self.owner(self.last))
+        """The global rank that picks tokens: TP rank 0 of the last LLM position (of EP replica 0)."""
+        return self.owner(self.last) * self.layout.tp_size
 
     def reset_cache(self, use_cache: bool = True) -> None:
         self.cache = {} if use_cache else None

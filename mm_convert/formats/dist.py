@@ -24,12 +24,13 @@ import zipfile
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..plan import Ref, shard_path
+from ..plan import OutputFile, Ref, TargetTensor, shard_path
 from . import safe_pickle
 from ..manifest import open_output
 from .torch_stream import _STORAGE_NAMES, StreamedTensor, TensorSpec, _write_archive, _ZipWriter
@@ -96,12 +97,18 @@ def _fields(obj, where: str) -> dict:
 
 def read_metadata(it_dir: Path) -> dict[str, GlobalTensor]:
     """The tensors of a torch_dist directory (byte ranges checked), from its ``.metadata``."""
+    return _join_glu_halves(read_tensors(it_dir))
+
+
+def read_tensors(it_dir: Path, keep: Callable[[str], bool] | None = None) -> dict[str, GlobalTensor]:
+    """The tensor entries of any DCP directory's ``.metadata``, as stored (keys, shapes and chunks; each chunk's
+    bytes located inside its record and checked): those whose key ``keep`` accepts (default: all)."""
     path = it_dir / DCP_METADATA
     try:
         with open(path, "rb") as fh:
             meta = safe_pickle.SafeUnpickler(fh).load()
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; a torch_dist checkpoint needs its DCP metadata")
+        raise CheckpointError(f"{path}: missing; a torch_dist / DCP checkpoint directory needs its DCP metadata")
     except safe_pickle.UnsafeGlobal as e:
         raise CheckpointError(f"{path}: refused, its pickle names {e.dotted}, which is not DCP metadata (nothing was run)")
     except Exception as e:
@@ -118,8 +125,8 @@ def read_metadata(it_dir: Path) -> dict[str, GlobalTensor]:
     out = {}
     for key, md in (fields.get("state_dict_metadata") or {}).items():
         f = _fields(md, str(path))
-        if "chunks" not in f:
-            continue  # BytesStorageMetadata: _extra_state and other non-tensor entries
+        if "chunks" not in f or (keep is not None and not keep(key)):
+            continue  # BytesStorageMetadata: _extra_state and other non-tensor entries; entries not asked for
         props = f.get("properties")
         state = props.state if isinstance(props, safe_pickle.Saved) else None
         dtype = state[0] if isinstance(state, tuple) and state else props.fields().get("dtype") if props else None
@@ -135,7 +142,7 @@ def read_metadata(it_dir: Path) -> dict[str, GlobalTensor]:
             chunks.append(Chunk(offsets, sizes, str(it_dir / rel), _record_data_offset(it_dir / rel, start, length,
                                                                                       key, dtype, sizes)))
         out[key] = GlobalTensor(key, dtype, tuple(map(int, f["size"])), tuple(chunks))
-    return _join_glu_halves(out)
+    return out
 
 
 def _join_glu_halves(tensors: dict[str, GlobalTensor]) -> dict[str, GlobalTensor]:
@@ -233,6 +240,37 @@ def _record_data_offset(path: Path, start: int, length: int, key: str, dtype: to
     return data + offset * dtype.itemsize
 
 
+def read_box(g: GlobalTensor, lo: tuple[int, ...], size: tuple[int, ...], where) -> torch.Tensor:
+    """The box ``lo + size`` of a global tensor, gathered from the chunks that overlap it (plain reads of the
+    records, no whole-file mmap); ``where`` names the directory in errors."""
+    out = np.empty(size, _RAW[g.dtype.itemsize])
+    covered = 0
+    for c in g.chunks:
+        a = [max(l, o) for l, o in zip(lo, c.offsets)]
+        b = [min(l + s, o + n) for l, s, o, n in zip(lo, size, c.offsets, c.sizes)]
+        if any(x >= y for x, y in zip(a, b)):
+            continue
+        arr = np.memmap(c.path, _RAW[g.dtype.itemsize], "r", c.data_offset, c.sizes)
+        src = arr[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, c.offsets))]
+        out[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = src
+        covered += prod(y - x for x, y in zip(a, b))
+        del arr
+    if covered != prod(size):
+        raise CheckpointError(f"{where}: {g.key}: its chunks cover {covered} of the {prod(size)} "
+                              f"elements asked for (box at {list(lo)}, size {list(size)})")
+    return torch.from_numpy(out).view(g.dtype)
+
+
+def locate_box(g: GlobalTensor, lo: tuple[int, ...], size: tuple[int, ...]) -> tuple[str, int] | None:
+    """(file, offset) of the box ``lo + size`` (whole trailing axes) where one chunk holds it contiguous, else None."""
+    for c in g.chunks:
+        if tuple(c.sizes[1:]) == tuple(size[1:]) and all(o == 0 for o in c.offsets[1:]) \
+                and c.offsets[0] <= lo[0] and lo[0] + size[0] <= c.offsets[0] + c.sizes[0]:
+            row = prod(c.sizes[1:]) * g.dtype.itemsize
+            return c.path, c.data_offset + (lo[0] - c.offsets[0]) * row
+    return None
+
+
 class DistReader:
     """A torch_dist directory read as an MM checkpoint at tp 1, pp 1: one virtual shard, slot ``model``."""
 
@@ -307,33 +345,14 @@ class DistReader:
     def read(self, ref: Ref, start=None, shape=None) -> torch.Tensor:
         """A box of a virtual tensor, gathered from the chunks that overlap it (plain reads, no mmap)."""
         g, lo, size = self._box(ref, start, shape)
-        out = np.empty(size, _RAW[g.dtype.itemsize])
-        covered = 0
-        for c in g.chunks:
-            a = [max(l, o) for l, o in zip(lo, c.offsets)]
-            b = [min(l + s, o + n) for l, s, o, n in zip(lo, size, c.offsets, c.sizes)]
-            if any(x >= y for x, y in zip(a, b)):
-                continue
-            arr = np.memmap(c.path, _RAW[g.dtype.itemsize], "r", c.data_offset, c.sizes)
-            src = arr[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, c.offsets))]
-            out[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = src
-            covered += prod(y - x for x, y in zip(a, b))
-            del arr
-        if covered != prod(size):
-            raise CheckpointError(f"{self.iter_dir}: {g.key}: its chunks cover {covered} of the {prod(size)} "
-                                  f"elements asked for (box at {list(lo)}, size {list(size)})")
-        t = torch.from_numpy(out).view(g.dtype)
+        t = read_box(g, lo, size, self.iter_dir)
         return t.reshape(size[1:]) if self.virtual[ref.key][1] is not None else t
 
     def locate(self, ref: Ref):
         """(file, offset, dtype, shape) where one chunk holds the virtual tensor whole and contiguous, else None."""
         g, lo, size = self._box(ref, None, None)
-        for c in g.chunks:
-            if tuple(c.sizes[1:]) == tuple(size[1:]) and all(o == 0 for o in c.offsets[1:]) \
-                    and c.offsets[0] <= lo[0] and lo[0] + size[0] <= c.offsets[0] + c.sizes[0]:
-                row = prod(c.sizes[1:]) * g.dtype.itemsize
-                return c.path, c.data_offset + (lo[0] - c.offsets[0]) * row, g.dtype, self._shape(ref.key)
-        return None
+        where = locate_box(g, lo, size)
+        return (*where, g.dtype, self._shape(ref.key)) if where is not None else None
 
 
 # ---- writing ------------------------------------------------------------------------------------------------
@@ -391,9 +410,15 @@ def record_length(dtype: torch.dtype, shape) -> int:
 def write_records(fh, entries, produce) -> None:
     """Chunk records, one per MM tensor in ``entries`` (key, dtype, shape), each a torch.save zip of the tensor
     (with a leading layer axis of 1 for a layer's tensor), streamed from ``produce(i)``."""
-    for i, (key, dtype, shape) in enumerate(entries):
-        _, layer = global_key(key)
-        rshape = _record_shape(shape, layer)
+    write_tensor_records(fh, [(dtype, _record_shape(shape, global_key(key)[1])) for key, dtype, shape in entries],
+                         produce)
+
+
+def write_tensor_records(fh, records: list[tuple[torch.dtype, tuple[int, ...]]], produce) -> None:
+    """One record per (dtype, record shape), each a torch.save zip of one tensor (what DCP's FileSystemWriter
+    writes per chunk), streamed from ``produce(i)`` (same elements, viewed in the record's shape)."""
+    for i, (dtype, rshape) in enumerate(records):
+        rshape = tuple(rshape)
 
         def stream(p, s, i=i, rshape=rshape):
             t = produce(i)
@@ -408,30 +433,43 @@ def dcp_metadata(files: list[tuple[str, list[tuple[str, torch.dtype, tuple[int, 
     """The pickled DCP ``Metadata`` for records written by write_records into ``files`` [(file name, entries)]
     and the byte records ``objects`` [(key, bytes)] written in that order into OBJECTS: global shapes (layers
     stacked), one chunk per record, and each record's byte range."""
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                       MetadataIndex, TensorProperties, TensorStorageMetadata)
-    chunks: dict[str, list] = {}
-    storage = {}
+    chunks = []
     for name, entries in files:
         pos = 0
         for key, dtype, shape in entries:
             gkey, layer = global_key(key)
             rshape = _record_shape(shape, layer)
-            offsets = torch.Size((layer or 0,) + (0,) * (len(rshape) - 1)) if rshape else torch.Size(())
             length = record_length(dtype, rshape)
-            chunks.setdefault(gkey, []).append(ChunkStorageMetadata(offsets, torch.Size(rshape)))
-            storage[MetadataIndex(gkey, offsets)] = _StorageInfo(name, pos, length)
+            chunks.append((gkey, ((layer or 0,) + (0,) * (len(rshape) - 1)) if rshape else (), rshape, name, pos, length))
             pos += length
-    sd_meta = {k: TensorStorageMetadata(TensorProperties(dtype=g.dtype), torch.Size(g.shape),
-                                        sorted(chunks[k], key=lambda c: tuple(c.offsets)))
-               for k, g in _global_shapes(files).items()}
-    pos = 0
+    placed, pos = [], 0
     for key, data in objects:
-        sd_meta[key] = BytesStorageMetadata()
-        storage[MetadataIndex(key)] = _StorageInfo(OBJECTS, pos, len(data))
+        placed.append((key, OBJECTS, pos, len(data)))
         pos += len(data)
-    return pickle.dumps(Metadata(state_dict_metadata=sd_meta, storage_data=storage))
+    return build_metadata({k: (g.dtype, g.shape) for k, g in _global_shapes(files).items()}, chunks, placed)
+
+
+def build_metadata(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], chunks, objects,
+                   planner_data: dict | None = None) -> bytes:
+    """A pickled DCP ``Metadata``: ``tensors`` {key: (dtype, global shape)}; ``chunks`` [(key, offsets, sizes,
+    file, position, length)], one per tensor record; ``objects`` [(key, file, position, length)], the byte
+    records; ``planner_data`` {key: path in the nested state dict} (how DCP's loaders unflatten the keys)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, TensorProperties, TensorStorageMetadata)
+    per_key: dict[str, list] = {}
+    storage = {}
+    for key, offsets, sizes, name, pos, length in chunks:
+        at = torch.Size(tuple(offsets))
+        per_key.setdefault(key, []).append(ChunkStorageMetadata(at, torch.Size(tuple(sizes))))
+        storage[MetadataIndex(key, at)] = _StorageInfo(name, pos, length)
+    sd_meta = {k: TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(tuple(shape)),
+                                        sorted(per_key[k], key=lambda c: tuple(c.offsets)))
+               for k, (dtype, shape) in tensors.items()}
+    for key, name, pos, length in objects:
+        sd_meta[key] = BytesStorageMetadata()
+        storage[MetadataIndex(key)] = _StorageInfo(name, pos, length)
+    return pickle.dumps(Metadata(state_dict_metadata=sd_meta, planner_data=planner_data, storage_data=storage))
 
 
 OBJECTS = "__objects.distcp"  # the byte records of non-tensor entries (layers' _extra_state)
@@ -477,6 +515,22 @@ def _global_shapes(files) -> dict[str, GlobalTensor]:
                 layers = max(out[gkey].shape[0] if gkey in out else 0, layer + 1)
                 out[gkey] = GlobalTensor(gkey, dtype, (layers,) + tuple(shape), ())
     return out
+
+
+def record_files(tensors: list[TargetTensor], slot: str, limit: int, first_info: dict | None = None) -> list[OutputFile]:
+    """Planned tensors as DCP record files ``__K_0.distcp`` of at most ``limit`` bytes each (a tensor larger
+    than the limit gets a file of its own), in order; the cut depends on the tensors only, so the output does
+    not depend on the number of writer processes. ``first_info``: the first file's ``info``."""
+    groups: list[list[TargetTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    return [OutputFile(f"__{k}_0.distcp", {slot: ts}, dict(first_info or {}) if k == 0 else {})
+            for k, ts in enumerate(groups)]
 
 
 class DistWriter:

@@ -13,3 +13,5 @@ FAMILIES = (qwen2_vl, qwen2_5_vl, qwen3_vl)
 def spec_for_model_type(model_type: str):
     """The family whose config.json ``model_type`` this is, or None."""
     return next((f for f in FAMILIES if model_type in f.MODEL_TYPES), None)
+
+DEFAULT = qwen2_5_vl  # the embedded default of `make demo` and of the test fixtures

@@ -135,9 +135,18 @@ class ModelSpec(Protocol):
 LAYER_PREFIXES = {"vit": "image_encoder.encoder.blocks.layers.", "llm": "text_decoder.decoder.layers."}
 EXPERT_INFIX = ".mlp.experts.local_experts."
 KEY_SCHEMES = {"legacy": (), "new": (("model.visual.", "visual."), ("model.language_model.", "model."))}
-# trainable groups of the runtime (MindSpeed-MM's freeze switches): name prefix -> group
-TRAINABLE = (("image_encoder.encoder.", "vision"), ("image_encoder.projector.", "projector"))
+# trainable groups of the runtime (MindSpeed-MM's freeze switches): MM name pattern -> group, first match wins;
+# everything else is "llm". Deepstack mergers are mergers like the projector, though they live in vision blocks.
+TRAINABLE = ((r"^image_encoder\.encoder\.blocks\.layers\.\d+\.deepstack_layer\.", "projector"),
+             (r"^image_encoder\.encoder\.", "vision"), (r"^image_encoder\.projector\.", "projector"))
 TIED_PAIR = ("text_decoder.embedding.word_embeddings.weight", "text_decoder.output_layer.weight")
+
+
+def trainable_group(spec, name: str) -> str:
+    """"vision", "projector" or "llm": which freeze switch of the runtime a parameter answers to."""
+    import re
+
+    return next((group for pattern, group in spec.TRAINABLE if re.match(pattern, name)), "llm")
 
 
 def need(d: dict, key: str, where: str, source: str):

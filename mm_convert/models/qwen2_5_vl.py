@@ -19,6 +19,7 @@ HF_CLASSES = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGenera
 PUBLISHED = {s: f"qwen2_5_vl_{s}.json" for s in ("3b", "7b", "32b", "72b")}
 TINY = {"": "tiny_qwen2_5_vl.json"}
 HUB_SCHEME = "legacy"  # the key scheme of the published files
+HF_PROCESSOR = "Qwen2_5_VLProcessor"
 MM_MODEL_IDS = {"vision_encoder": "qwen2vit", "vision_projector": "lnmlp", "text_decoder": "qwen2_5_lm"}
 
 

@@ -18,6 +18,7 @@ HF_CLASSES = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration")} 
 PUBLISHED = {s: f"qwen2_vl_{s}.json" for s in ("2b", "7b", "72b")}
 TINY = {"": "tiny_qwen2_vl.json"}
 HUB_SCHEME = "legacy"  # the key scheme of the published files
+HF_PROCESSOR = "Qwen2VLProcessor"
 MM_MODEL_IDS = {"vision_encoder": "qwen2vit", "vision_projector": "lnmlp", "text_decoder": "qwen2lm"}
 
 

@@ -23,8 +23,12 @@ HF_CLASSES = {"qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
 TINY = {"": "tiny_qwen3_vl.json", "moe": "tiny_qwen3_vl_moe.json"}
 PUBLISHED = {s: f"qwen3_vl_{s}.json" for s in ("2b", "8b", "32b", "30b_a3b", "235b_a22b")}
 HUB_SCHEME = "new"  # the key scheme of the published files (model.visual.*, model.language_model.*)
+HF_PROCESSOR = "Qwen3VLProcessor"
 MM_MODEL_IDS = {"vision_encoder": "qwen3vit", "vision_projector": "lnmlp", "text_decoder": "qwen3lm"}
+FUSED_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # 3-D HF tensors, all experts in one
 DCP_PREFIX = "model."  # MindSpeed-MM's FSDP2 state dict: the HF model under "model", keys as the hub writes them
+DCP_KEY_SCHEME = HUB_SCHEME  # the HF key scheme of the keys after DCP_PREFIX (hf_to_dcp / dcp_to_hf)
+DCP_TIED_COPY = "lm_head.weight"  # legacy name; a tied model's FSDP2 save may hold it too (the embeddings' copy)
 
 
 def config_from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
@@ -91,6 +95,16 @@ def hf_shapes(cfg: ModelConfig, expert_layout: str = "hub") -> dict[str, tuple[i
 
 def views(cfg: ModelConfig, expert_layout: str = "hub"):
     return base.gpt_llm_views(cfg.text, expert_layout)
+
+
+def dcp_experts(cfg: ModelConfig, expert_layout: str = "hub") -> dict[str, tuple[int, tuple[int, int], bool]]:
+    """The fused 3-D expert tensors, which MindSpeed-MM's FSDP2 checkpoint stores viewed 2-D, in the hub layout:
+    [E, A, B] as [E * A, B] (``gate_up_proj`` [E, hidden, 2 x moe_intermediate] as [E * hidden, 2 x
+    moe_intermediate], ``down_proj`` [E, moe_intermediate, hidden] as [E * moe_intermediate, hidden]).
+    Legacy name -> (E, (A, B), whether ``expert_layout`` holds each expert as the transpose of its hub [A, B])."""
+    hub = base.gpt_llm_shapes(cfg.text, "hub")
+    fused = sorted({v.real for v in views(cfg, "hub").values()})
+    return {n: (hub[n][0], (hub[n][1], hub[n][2]), expert_layout != "hub") for n in fused}
 
 
 def rules(cfg: ModelConfig, pp_size: int) -> list[Rule]:
