@@ -76,7 +76,7 @@ def check_logits(mm_dir, hf_dir, tp_size: int | None = None, llm_pp_layers=None,
 
 def shard_dtype(mm_dir, layout: ParallelLayout) -> torch.dtype:
     """The dtype the runtime computes in: that of the first floating tensor of the first shard."""
-    state = read_shard(shard_path(mm_dir, 0, 0, layout.pp_size), layout.vpp_size)[0]
+    state = read_shard(shard_path(mm_dir, 0, 0, layout.pp_size, 0, layout.ep_size), layout.vpp_size)[0]
     return next(t.dtype for t in state.values() if t.is_floating_point())
 
 

@@ -83,11 +83,18 @@ class TrainModel:
         owner = stage.get_submodule(name.rsplit(".", 1)[0])
         split = (isinstance(owner, (ColumnLinear, VocabEmbedding)) or type(owner).__name__ == "OutputLayer"
                  or (isinstance(owner, RowLinear) and name.endswith("weight")))
-        if name == self.spec.TIED_PAIR[1] and self.emb_group is not None:
+        if name == self.spec.TIED_PAIR[1] and (self.emb_group is not None or self._tied_on_one_stage()):
             return 0  # the tied embedding's copy on the last stage
         if trainable_group(self.spec, name) in ("vision", "projector"):
             return self.ps.vit_ratio if split else self.ps.tp_size
         return 1 if split else self.ps.tp_size
+
+    def _tied_on_one_stage(self) -> bool:
+        """Tied embeddings, pp > 1, and the LLM's first and last positions on one stage: that stage holds both
+        the embedding and its output-layer copy (MindSpeed-MM writes the copy whenever pp > 1)."""
+        lo = self.layout
+        return (self.cfg.text.tie_word_embeddings and lo.pp_size > 1
+                and lo.first_position("llm") % lo.pp_size == self.last % lo.pp_size)
 
     def _embedding_group(self) -> Group | None:
         """Tied embeddings with the output layer on another stage: first and last LLM stage each hold a copy
@@ -172,6 +179,12 @@ class TrainModel:
             for _, n, p in self.named_parameters():
                 if n in self.spec.TIED_PAIR:
                     dist.all_reduce(p.grad, group=self.emb_group.group)
+        elif self._tied_on_one_stage():  # both copies here: each gets the sum
+            copies = [p for _, n, p in self.named_parameters() if n in self.spec.TIED_PAIR and p.requires_grad]
+            if len(copies) == 2:
+                total = copies[0].grad + copies[1].grad
+                for p in copies:
+                    p.grad.copy_(total)
 
     def grad_norm(self) -> float:
         sq = torch.zeros((), dtype=torch.float64, device=self.ps.device)

@@ -38,16 +38,21 @@ def activation(name: str):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """``grad_group``: a TP group over whose ranks the (replicated) weight sees different inputs, so its
+    gradient is summed over them (the q/k norms: each TP rank normalises only its own heads)."""
+
+    def __init__(self, dim: int, eps: float, grad_group: Group | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
         self.eps = eps
+        self.grad_group = grad_group
 
     def forward(self, x):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        weight = self.grad_group.copy_in(self.weight) if self.grad_group is not None else self.weight
+        return weight * x.to(dtype)
 
 
 class LayerNorm(nn.Module):
@@ -263,8 +268,8 @@ class TextAttention(nn.Module):
         self.linear_qkv = ColumnLinear(tc.hidden_size, self.groups * (self.rep + 2) * self.head_dim, bias=tc.qkv_bias,
                                        group=group)
         self.linear_proj = RowLinear(self.groups * self.rep * self.head_dim, tc.hidden_size, bias=False, group=group)
-        self.q_layernorm = RMSNorm(self.head_dim, tc.eps) if tc.qk_norm else None
-        self.k_layernorm = RMSNorm(self.head_dim, tc.eps) if tc.qk_norm else None
+        self.q_layernorm = RMSNorm(self.head_dim, tc.eps, group) if tc.qk_norm else None
+        self.k_layernorm = RMSNorm(self.head_dim, tc.eps, group) if tc.qk_norm else None
 
     def forward(self, x, cos, sin, cache: dict | None, key):
         b, s, _ = x.shape
