@@ -10,6 +10,7 @@ import torch
 from helpers import assert_same_tensors, load_hf_tensors, load_mm_shards
 from mm_convert import CONVERTERS
 from mm_convert.errors import LayoutError
+from mm_convert.layout import ParallelLayout
 
 LAYOUTS = {
     "tp1_pp1": dict(tp_size=1, llm_pp_layers=[4], vit_pp_layers=[4]),
@@ -22,8 +23,10 @@ MOE_LAYOUTS = {
     "tp2_ep4": dict(tp_size=2, ep_size=4, llm_pp_layers=[4], vit_pp_layers=[4]),
     "ep2_vpp": dict(tp_size=1, ep_size=2, llm_pp_layers=[[0, 1], [1, 2]], vit_pp_layers=[[2, 2], [0, 0]]),
 }
-# (family, variant, dtype, tied, expert layout of the files)
+# (family, variant, dtype, tied, expert layout of the files[, key scheme, config style])
 MODELS = {
+    "qwen2vl-newscheme-nested": ("Qwen2-VL", "", "float32", False, "linear", "new", "nested"),
+    "qwen3moe-legacyscheme-nested": ("Qwen3-VL", "moe", "float32", False, "hub", "legacy", "nested"),
     "qwen2vl-fp32": ("Qwen2-VL", "", "float32", False, "linear"),
     "qwen2vl-bf16-tied": ("Qwen2-VL", "", "bfloat16", True, "linear"),
     "qwen3vl-fp32-tied": ("Qwen3-VL", "", "float32", True, "linear"),
@@ -31,7 +34,9 @@ MODELS = {
     "qwen3moe-fp32": ("Qwen3-VL", "moe", "float32", False, "linear"),
     "qwen3moe-bf16-hub": ("Qwen3-VL", "moe", "bfloat16", False, "hub"),
 }
-CASES = [(m, l) for m in MODELS for l in LAYOUTS] + [(m, l) for m in MODELS if MODELS[m][1] == "moe" for l in MOE_LAYOUTS]
+PLAIN = [m for m in MODELS if len(MODELS[m]) == 5]
+CASES = [(m, l) for m in PLAIN for l in LAYOUTS] + [(m, l) for m in PLAIN if MODELS[m][1] == "moe" for l in MOE_LAYOUTS] \
+    + [(m, "tp2_pp2") for m in MODELS if m not in PLAIN] + [("qwen3moe-legacyscheme-nested", "tp2_ep2_pp2")]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +47,11 @@ def family_hf(tmp_path_factory):
 
     def make(key):
         if key not in cache:
-            fam, variant, dtype, tied, experts = MODELS[key]
+            fam, variant, dtype, tied, experts, *style = MODELS[key]
+            scheme, config_style = style or (None, "published")
             cache[key] = make_tiny_hf_checkpoint(tmp_path_factory.mktemp(key), family_name=fam, variant=variant,
-                                                 dtype=dtype, tied=tied, expert_layout=experts)
+                                                 dtype=dtype, tied=tied, expert_layout=experts, scheme=scheme,
+                                                 config_style=config_style)
         return cache[key]
     return make
 
@@ -138,3 +145,65 @@ def test_impossible_parallel_sizes_are_refused(family_hf, tmp_path):
         converter("qwen2vl-fp32").hf_to_mm(family_hf("qwen2vl-fp32"), tmp_path / "b", ep_size=2,
                                             llm_pp_layers=[4], vit_pp_layers=[4])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_key_schemes_and_config_layouts_are_kept(family_hf, tmp_path):
+    """The files' key scheme and config layout come back as they were (transformers' nested config and the
+    model.visual / model.language_model names for Qwen2-VL; the legacy names for Qwen3-VL)."""
+    import json
+
+    for key, prefix in (("qwen2vl-newscheme-nested", "model.language_model."), ("qwen3moe-legacyscheme-nested", "model.layers.")):
+        hf, conv = family_hf(key), converter(key)
+        assert "text_config" in json.loads((hf / "config.json").read_text())
+        assert any(k.startswith(prefix) for k in load_hf_tensors(hf))
+        conv.hf_to_mm(hf, tmp_path / key / "mm", tp_size=2, llm_pp_layers=[4], vit_pp_layers=[4])
+        conv.mm_to_hf(tmp_path / key / "mm", tmp_path / key / "back")  # config from the manifest, no reference dir
+        assert json.loads((tmp_path / key / "back" / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
+        assert_same_tensors(load_hf_tensors(hf), load_hf_tensors(tmp_path / key / "back"), key)
+
+
+PUBLISHED_REFUSALS = [  # (family, size, tp, ep, message)
+    ("Qwen3-VL", "30b_a3b", 1, 3, r"ep_size 3 does not divide the num_experts \(128\)"),
+    ("Qwen3-VL", "235b_a22b", 8, 1, r"tp_size 8 does not divide the num_key_value_heads \(4\)"),
+    ("Qwen3-VL", "8b", 1, 2, r"ep_size 2: this Qwen3-VL model has no experts"),
+    ("Qwen2-VL", "7b", 8, 1, r"tp_size 8 does not divide the num_attention_heads \(28\), num_key_value_heads \(4\)"),
+    ("Qwen2-VL", "2b", 4, 1, r"tp_size 4 does not divide the num_key_value_heads \(2\)"),
+]
+
+
+@pytest.mark.parametrize("fam,size,tp,ep,message", PUBLISHED_REFUSALS, ids=[f"{f}-{s}-tp{t}-ep{e}" for f, s, t, e, _ in PUBLISHED_REFUSALS])
+def test_published_configs_refuse_impossible_sizes(fam, size, tp, ep, message):
+    """Real sizes (the bundled published configs): an impossible TP / EP is refused in one line naming them."""
+    import json
+
+    from mm_convert.converter import BoundModel
+    from mm_convert.testing import family, published_config_path
+
+    spec = family(fam)
+    cfg = spec.config_from_hf(json.loads(published_config_path(size, fam).read_text()), size)
+    conv = CONVERTERS[spec.CONVERTER](progress=False)
+    with pytest.raises(LayoutError, match=message) as e:
+        conv._layout(BoundModel(spec, cfg), tp, [cfg.text.num_layers], [cfg.vision.depth], 0, "--cfg.parallel_config", ep)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("fam,size", [(f.NAME, s) for f in __import__("mm_convert.models", fromlist=["x"]).FAMILIES
+                                      for s in f.PUBLISHED])
+def test_published_configs_read_and_plan(fam, size):
+    """Every bundled published config reads, and plans at a layout its sizes allow (shapes only, no weights):
+    the HF tensor count and bytes match the model's published parameter count."""
+    import json
+
+    from mm_convert.converter import BoundModel
+    from mm_convert.testing import family, published_config_path
+
+    spec = family(fam)
+    cfg = spec.config_from_hf(json.loads(published_config_path(size, fam).read_text()), size)
+    model = BoundModel(spec, cfg)
+    params = sum(__import__("math").prod(s) for s in model.shapes.values())
+    billions = float(size.split("_")[0].rstrip("b"))
+    assert 0.75 * billions < params / 1e9 < 1.25 * billions + 0.5, (size, params)
+    ep = 2 if cfg.text.num_experts else 1
+    layout = ParallelLayout.create(2, [cfg.text.num_layers], [cfg.vision.depth], ep_size=ep)
+    files = model.plan(layout, {n: None for n in model.shapes})
+    assert len(files) == 2 * ep

@@ -44,7 +44,7 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
         norm="layer", mlp="plain", act=vis.get("hidden_act", "gelu_pytorch_tanh"), patch_bias=True,
         num_position_embeddings=need("num_position_embeddings"),
         deepstack_indexes=tuple(vis.get("deepstack_visual_indexes") or ()), merger_norm="layer")
-    experts = text.get("num_experts") or 0
+    experts = text.get("num_experts") or text.get("num_local_experts") or 0  # transformers 5 writes the latter
     sparse = max(1, text.get("decoder_sparse_step") or 1)
     dense_only = set(text.get("mlp_only_layers") or ())
     layers = base.need(text, "num_hidden_layers", "", source)
