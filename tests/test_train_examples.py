@@ -36,9 +36,45 @@ def test_example_training_configs(size):
     assert f"PP={len(infer['text_decoder']['pipeline_num_layers'])}\n" in script
 
 
-def test_tiny_end_to_end_example(tmp_path):
-    out = subprocess.run([sys.executable, str(EX / "tiny_finetune_example.py"), "--workdir", str(tmp_path),
-                          "--pp", "2", "--iters", "6"], capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("family_args", [[], ["--family", "Qwen3-VL", "--variant", "moe"]], ids=["qwen2.5vl", "qwen3vl-moe"])
+def test_tiny_end_to_end_example(tmp_path, family_args):
+    out = subprocess.run([sys.executable, str(EX.parent / "tiny_finetune_example.py"), "--workdir", str(tmp_path),
+                          "--pp", "2", "--iters", "6", *family_args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "iteration        6/       6" in out.stdout and "after:" in out.stdout
     assert (tmp_path / "save" / "iter_0000006").is_dir() and list((tmp_path / "hf_finetuned").glob("*.safetensors"))
+
+
+def _family_examples():
+    sys.path.insert(0, str(EX.parent))
+    from make_family_examples import FOLDERS, LAYOUTS
+    return [(fam, size, FOLDERS[fam], *LAYOUTS[fam][size]) for fam in LAYOUTS for size in LAYOUTS[fam]]
+
+
+@pytest.mark.parametrize("fam,size,folder,tp,ep,llm,vit,repo", _family_examples(),
+                         ids=[f"{f}-{s}" for f, s, *_ in _family_examples()])
+def test_family_examples_describe_the_published_models(fam, size, folder, tp, ep, llm, vit, repo):
+    """Each family's per-size examples: the inference and model jsons describe the published config's model,
+    their layout fits it (sums, TP / EP divisibility), and the scripts parse and use that layout."""
+    from mm_convert.testing import published_config_path
+    from mm_convert.layout import ParallelLayout
+    from train.model import check_divisible
+
+    d = EX.parent / folder
+    stem = f"{folder}_{size}"
+    infer = json.loads((d / f"inference_{stem}.json").read_text())
+    model = json.loads((d / f"model_{size}.json").read_text())
+    hf = ModelConfig.from_hf(published_config_path(size, fam))
+    for doc in (infer, model):
+        got = ModelConfig.from_mm(doc)
+        assert (got.vision, got.text, got.image_token_id, got.family) == (hf.vision, hf.text, hf.image_token_id, fam)
+    assert mm_pipeline_layers(infer) == (llm, vit) == mm_pipeline_layers(model)
+    check_divisible(hf, ParallelLayout.create(tp, llm, vit, ep_size=ep))
+    assert infer.get("expert_model_parallel_size", 1) == ep
+    for script in (f"convert_{stem}.sh", f"finetune_{stem}.sh"):
+        subprocess.run(["bash", "-n", str(d / script)], check=True)
+    convert = (d / f"convert_{stem}.sh").read_text()
+    assert f"tp_size {tp}" in convert and f"llm_pp_layers [{','.join(map(str, llm))}]" in convert
+    assert (f"ep_size {ep}" in convert) == (ep > 1) and repo in convert
+    assert f"TP={tp}\n" in (d / f"finetune_{stem}.sh").read_text()
+    assert load_data_config(d / f"data_{size}.json").model_name_or_path.endswith(repo)

@@ -26,6 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, help="inference json (examples/qwen2.5vl/inference_qwen2_5_vl_*.json)")
     p.add_argument("--load", help="MM checkpoint directory (json: load)")
     p.add_argument("--tp", type=int, help="tensor parallel size (json: tensor_model_parallel_size)")
+    p.add_argument("--ep", type=int, help="expert parallel size of a MoE checkpoint (json: expert_model_parallel_size)")
     p.add_argument("--tokenizer", help="HF directory with tokenizer + image processor (json: tokenizer.from_pretrained)")
     p.add_argument("--image", help="image path (json: image_path); 'none' for a text-only prompt")
     p.add_argument("--prompt", help="user prompt (json: prompts)")
@@ -42,7 +43,8 @@ def settings(args) -> dict:
     image = args.image if args.image is not None else cfg_json.get("image_path")
     return {
         "json": cfg_json, "model": ModelConfig.from_mm(cfg_json),
-        "layout": ParallelLayout.create(args.tp or cfg_json.get("tensor_model_parallel_size", 1), llm, vit),
+        "layout": ParallelLayout.create(args.tp or cfg_json.get("tensor_model_parallel_size", 1), llm, vit,
+                                        ep_size=args.ep or cfg_json.get("expert_model_parallel_size", 1)),
         "load": args.load or cfg_json.get("load"),
         "tokenizer": args.tokenizer or (cfg_json.get("tokenizer") or {}).get("from_pretrained"),
         "image": None if image in (None, "", "none") else image,

@@ -1,8 +1,9 @@
-"""End to end on a laptop CPU, in about a minute: a tiny random Qwen2.5-VL, synthetic coloured images with
-captions, convert to MM shards, fine-tune a few dozen steps (tp x pp ranks on gloo), save, convert the save back
-to HF, and generate with transformers before and after.
+"""End to end on a laptop CPU, in about a minute: a tiny random model of any family (Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL dense or MoE), synthetic coloured images with captions, convert to MM shards, fine-tune a few dozen
+steps (tp x pp ranks on gloo), save, convert the save back to HF, and generate with transformers before and after.
 
-    python examples/qwen2.5vl/tiny_finetune_example.py --workdir /tmp/tiny_ft [--tp 1 --pp 2 --iters 80]
+    python examples/tiny_finetune_example.py --workdir /tmp/tiny_ft [--family Qwen3-VL --variant moe]
+        [--tp 1 --pp 2 --iters 80]
 """
 from __future__ import annotations
 
@@ -10,19 +11,19 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def generate(hf_dir, image_path, prompt="What colour is this?") -> str:
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from train.check_logits import reference_class
     from train.config import ModelConfig
     from train.inputs import build_inputs, hf_kwargs, load_processors
 
     tok, ip = load_processors(hf_dir)
     inputs = build_inputs(tok, ip, ModelConfig.from_hf(hf_dir), prompt, image_path)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = reference_class(hf_dir).from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
         out = model.generate(**hf_kwargs(inputs), max_new_tokens=8, do_sample=False)
     return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -35,23 +36,25 @@ def main() -> None:
     a.add_argument("--pp", type=int, default=1)
     a.add_argument("--iters", type=int, default=80)
     a.add_argument("--samples", type=int, default=24)
+    a.add_argument("--family", default="Qwen2.5-VL", help="Qwen2-VL, Qwen2.5-VL or Qwen3-VL")
+    a.add_argument("--variant", default="", help="'moe' for the Qwen3-VL mixture-of-experts tiny model")
     args = a.parse_args()
 
-    from mm_convert import Qwen2_5_VLConverter
-    from mm_convert.testing import make_tiny_hf_checkpoint
+    from mm_convert import CONVERTERS
+    from mm_convert.testing import family, make_tiny_hf_checkpoint
     from train.config import ModelConfig
     from train.finetune import main as finetune
     from train.toydata import make_caption_set
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    hf = make_tiny_hf_checkpoint(work / "hf", dtype="float32")
+    hf = make_tiny_hf_checkpoint(work / "hf", dtype="float32", family_name=args.family, variant=args.variant)
     data = make_caption_set(work / "data", args.samples, hf)
     cfg = ModelConfig.from_hf(hf)
     L, V = cfg.text.num_layers, cfg.vision.depth
     llm = [L] if args.pp == 1 else [L // args.pp] * (args.pp - 1) + [L - L // args.pp * (args.pp - 1)]
     vit = [V] + [0] * (args.pp - 1)
-    conv = Qwen2_5_VLConverter(progress=False)
+    conv = CONVERTERS[family(args.family).CONVERTER](progress=False)
     conv.hf_to_mm(hf, work / "mm", tp_size=args.tp, llm_pp_layers=llm, vit_pp_layers=vit, overwrite=True)
     print("before:", repr(generate(hf, work / "data" / "images" / "0.png")))
     finetune(["--nproc", str(args.tp * args.pp), "--data-config", str(data), "--load", str(work / "mm"),

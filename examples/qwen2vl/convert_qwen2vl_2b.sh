@@ -1,0 +1,11 @@
+#!/bin/bash
+# Qwen2-VL-2B-Instruct: HF -> MM shards (tp=1, pp=1), then the runtime's logits against transformers'.
+set -euo pipefail
+mm-convert Qwen2VLConverter hf_to_mm \
+  --cfg.mm_dir ckpt/mm_path/Qwen2-VL-2B-Instruct \
+  --cfg.hf_config.hf_dir ckpt/hf_path/Qwen2-VL-2B-Instruct \
+  --cfg.parallel_config.llm_pp_layers [28] \
+  --cfg.parallel_config.vit_pp_layers [32] \
+  --cfg.parallel_config.tp_size 1
+# optional: mm-convert Qwen2VLConverter check_logits --cfg.mm_dir ckpt/mm_path/Qwen2-VL-2B-Instruct --cfg.hf_config.hf_dir ckpt/hf_path/Qwen2-VL-2B-Instruct
+# inference: python -m train.infer --config examples/qwen2vl/inference_qwen2vl_2b.json
