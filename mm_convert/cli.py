@@ -30,11 +30,12 @@ LAYOUT_HELP = {
 }
 
 
-def _cfg(dotted: str, param: str, **kw):
-    """A ``--cfg.<dotted>`` option stored in ``param``; remembered for --config files."""
+def _cfg(dotted: str, param: str, *aliases: str, **kw):
+    """A ``--cfg.<dotted>`` option stored in ``param``; remembered for --config files. ``aliases``: other
+    spellings of the option (MindSpeed-MM's own names where they differ)."""
     def deco(f):
         f.__dict__.setdefault("_cfg_keys", {})[dotted] = param
-        return click.option(f"--cfg.{dotted}", param, **kw)(f)
+        return click.option(f"--cfg.{dotted}", *aliases, param, **kw)(f)
     return deco
 
 
@@ -174,7 +175,8 @@ def main():
     \b
     Usage: mm-convert CONVERTER COMMAND [--cfg.* options]
     Converters:  {converters}
-    Commands:    hf_to_mm, mm_to_hf, resplit, verify, plan, check_logits
+    Commands:    hf_to_mm, mm_to_hf, resplit, verify, plan, check_logits (and hf_to_dcp, dcp_to_hf: MindSpeed-MM's
+                 FSDP2 checkpoints, for the converters whose family has them)
     Example:
       mm-convert Qwen2_5_VLConverter hf_to_mm --cfg.mm_dir ckpt/mm_path/Qwen2.5-VL-7B-Instruct \\
         --cfg.hf_config.hf_dir ckpt/hf_path/Qwen2.5-VL-7B-Instruct \\
@@ -262,6 +264,50 @@ def _make_group(name: str, cls) -> click.Group:
                                            hf_dir=hf_dir, overwrite=overwrite, resume=resume))
         _print_result(r, quiet)
 
+    dcp = bool(getattr(cls.spec, "DCP_KEY_SCHEME", None))  # MindSpeed-MM's FSDP2 checkpoints (DCP directories)
+    if dcp:
+        @group.command("hf_to_dcp")
+        @_cfg("dcp_dir", "dcp_dir", "--dcp_dir", required=True, metavar="DIR",
+              help="output DCP checkpoint directory (release/ + latest_checkpointed_iteration.txt)")
+        @_cfg("hf_config.hf_dir", "hf_dir", "--hf_dir", required=True, metavar="DIR",
+              help="input Hugging Face checkpoint (config.json + safetensors)")
+        @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
+        @_resume
+        @_workers
+        @_common
+        @click.pass_context
+        def hf_to_dcp(ctx, dcp_dir, hf_dir, overwrite, resume, quiet, debug):
+            """Convert an HF checkpoint into MindSpeed-MM's FSDP2 checkpoint: a torch.distributed.checkpoint
+            directory (release/.metadata + __K_0.distcp) of {"model": {...}, "checkpoint_version": 3.0}, the HF
+            keys under the model prefix, fused expert tensors viewed 2-D."""
+            conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
+            r = _run(ctx, lambda: conv.hf_to_dcp(hf_dir, dcp_dir, overwrite=overwrite, resume=resume))
+            _print_result(r, quiet)
+
+        @group.command("dcp_to_hf")
+        @_cfg("dcp_dir", "dcp_dir", "--load_dir", required=True, metavar="DIR",
+              help="input DCP checkpoint: the directory with latest_checkpointed_iteration.txt, or the iteration "
+                   "directory holding .metadata")
+        @_cfg("save_hf_dir", "save_hf_dir", "--save_dir", required=True, metavar="DIR",
+              help="output Hugging Face directory")
+        @_cfg("hf_config.hf_dir", "hf_dir", "--model_assets_dir", metavar="DIR",
+              help="original HF directory: config, tokenizer, processor and chat template are copied from it, and "
+                   "its weights' key scheme and expert layout are kept (optional when dcp_dir was written by mm_convert)")
+        @_cfg("max_shard_size", "max_shard_size", default="5GB", show_default=True, metavar="SIZE",
+              help="largest safetensors file (e.g. 5GB, 500MB, 2GiB)")
+        @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
+        @_resume
+        @_workers
+        @_common
+        @click.pass_context
+        def dcp_to_hf(ctx, dcp_dir, save_hf_dir, hf_dir, max_shard_size, overwrite, resume, quiet, debug):
+            """Convert MindSpeed-MM's FSDP2 checkpoint (DCP) back to HF safetensors (sharded, with an index):
+            expert tensors back to 3-D, the model prefix stripped, every key checked against config.json."""
+            conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
+            r = _run(ctx, lambda: conv.dcp_to_hf(dcp_dir, save_hf_dir, hf_dir, max_shard_size=max_shard_size,
+                                                 overwrite=overwrite, resume=resume))
+            _print_result(r, quiet)
+
     @group.command("verify")
     @_cfg("mm_dir", "mm_dir", required=True, metavar="DIR",
           help="checkpoint to check (an MM checkpoint, or without --cfg.hf_config.hf_dir any mm_convert output)")
@@ -288,11 +334,13 @@ def _make_group(name: str, cls) -> click.Group:
 
     @group.command("plan", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                              "help_option_names": []})
-    @click.argument("command", type=click.Choice(["hf_to_mm", "mm_to_hf", "resplit"]))
+    @click.argument("command", type=click.Choice(["hf_to_mm", "mm_to_hf", "resplit"]
+                                                 + (["hf_to_dcp", "dcp_to_hf"] if dcp else [])))
     @click.option("--verbose", "-v", is_flag=True, help="list every tensor and the source boxes it is made of")
     @click.pass_context
     def plan(ctx, command, verbose):
-        """Dry run of hf_to_mm, mm_to_hf or resplit (same options): per-file tensors and bytes; writes nothing.
+        """Dry run of hf_to_mm, mm_to_hf, resplit (hf_to_dcp, dcp_to_hf where the family has them; same options):
+        per-file tensors and bytes; writes nothing.
 
         Example: mm-convert Qwen2_5_VLConverter plan hf_to_mm --cfg.mm_dir OUT --cfg.hf_config.hf_dir HF ..."""
         sub = group.commands[command]
@@ -312,6 +360,9 @@ def _make_group(name: str, cls) -> click.Group:
                                             source_llm_pp_layers=p["source_llm_pp_layers"],
                                             source_vit_pp_layers=p["source_vit_pp_layers"],
                                             source_vit_tp_size=p["source_vit_tp_size"], hf_dir=p["hf_dir"], dry_run=True),
+            "hf_to_dcp": lambda: conv.hf_to_dcp(p["hf_dir"], p["dcp_dir"], dry_run=True),
+            "dcp_to_hf": lambda: conv.dcp_to_hf(p["dcp_dir"], p["save_hf_dir"], p["hf_dir"],
+                                                max_shard_size=p["max_shard_size"], dry_run=True),
         }
         r = _run(sub_ctx, calls[command])
         _print_result(r, False, verbose=verbose, dry_run=True)

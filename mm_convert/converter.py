@@ -352,7 +352,7 @@ class Converter:
         ``dcp_dir/latest_checkpointed_iteration.txt``."""
         self._dcp_spec("hf_to_dcp")
         cfg, model, reader, dtypes = self._open_hf(hf_dir)
-        files = dcp_format.files(dcp_tensors(model, dtypes))
+        files = dcp_format.output_files(dcp_tensors(model, dtypes))
         check_coverage(files)
         result = Result("hf_to_dcp", str(dcp_dir), "DCP (FSDP2: global tensors)", files)
         if dry_run:
@@ -372,8 +372,8 @@ class Converter:
         spec = self._dcp_spec("dcp_to_hf")
         it_dir, root = dcp_format.resolve_dir(dcp_dir, "--cfg.dcp_dir")
         manifest = read_manifest(root)
+        check_sizes(root, manifest, [os.path.relpath(p, root) for p in it_dir.iterdir() if p.is_file()])
         reader = dcp_format.DCPReader(it_dir)
-        check_sizes(root, manifest, [os.path.relpath(it_dir / r, root) for r in reader.files()])
         if hf_dir is not None:
             cfg, source = hf_format.load_config(hf_dir), str(Path(hf_dir) / "config.json")
         elif manifest and isinstance(manifest.get("hf_config"), dict):

@@ -41,7 +41,7 @@ def object_record(value) -> bytes:
     return buf.getvalue()
 
 
-def files(tensors: list[TargetTensor], limit: int = FILE_BYTES) -> list[OutputFile]:
+def output_files(tensors: list[TargetTensor], limit: int = FILE_BYTES) -> list[OutputFile]:
     """The record files of a DCP output holding ``tensors`` under STATE_KEY; the first file also holds the
     byte record of ``checkpoint_version`` (its info's ``objects``: [(key, bytes)], written before the tensors)."""
     return dist.record_files(tensors, STATE_KEY, limit,
@@ -53,6 +53,9 @@ def resolve_dir(dcp_dir, option: str = "--cfg.dcp_dir") -> tuple[Path, Path]:
     root naming the iteration in latest_checkpointed_iteration.txt (MindSpeed-MM's ``load_dir`` is the
     iteration directory itself)."""
     root = Path(dcp_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{option} {root}: not a directory; expected a torch.distributed.checkpoint directory "
+                              f"(.metadata and __K_0.distcp files) or the directory above it")
     if (root / dist.DCP_METADATA).is_file():
         parent = root.parent
         top = parent if (parent / mm_format.TRACKER).is_file() else root

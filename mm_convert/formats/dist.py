@@ -241,8 +241,8 @@ def _record_data_offset(path: Path, start: int, length: int, key: str, dtype: to
 
 
 def read_box(g: GlobalTensor, lo: tuple[int, ...], size: tuple[int, ...], where) -> torch.Tensor:
-    """The box ``lo + size`` of a global tensor, gathered from the chunks that overlap it (plain reads of the
-    records, no whole-file mmap); ``where`` names the directory in errors."""
+    """The box ``lo + size`` of a global tensor, gathered from the chunks that overlap it (each chunk's bytes
+    mapped for the copy of its part only); ``where`` names the directory in errors."""
     out = np.empty(size, _RAW[g.dtype.itemsize])
     covered = 0
     for c in g.chunks:
