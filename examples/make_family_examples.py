@@ -119,9 +119,8 @@ def main() -> None:
                          converter=spec.CONVERTER, folder=FOLDERS[fam], stem=stem,
                          ep_text=f", ep={ep}" if ep > 1 else "",
                          ep_flag=f" \\\n  --cfg.parallel_config.ep_size {ep}" if ep > 1 else "")}
-            moe_note = ("\n# Expert parallelism is not yet supported by train.finetune: resplit the converted checkpoint to\n"
-                        f"# ep_size 1 first (mm-convert {spec.CONVERTER} resplit ... --cfg.target_parallel_config.ep_size 1).") \
-                if ep > 1 else ""
+            moe_note = (f"\n# Expert parallel: the checkpoint's ep_size {ep} is read off its shards too; EP ranks are data-parallel\n"
+                        f"# ranks, so DP must be a multiple of {ep} (world = TP x PP x DP).") if ep > 1 else ""
             files[f"finetune_{stem}.sh"] = FINETUNE.format(repo=repo, stem=stem, tp=tp, pp=len(llm), size=size,
                                                           folder=FOLDERS[fam], converter=spec.CONVERTER, moe_note=moe_note)
             for name, text in files.items():

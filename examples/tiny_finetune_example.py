@@ -3,7 +3,7 @@ Qwen3-VL dense or MoE), synthetic coloured images with captions, convert to MM s
 steps (tp x pp ranks on gloo), save, convert the save back to HF, and generate with transformers before and after.
 
     python examples/tiny_finetune_example.py --workdir /tmp/tiny_ft [--family Qwen3-VL --variant moe]
-        [--tp 1 --pp 2 --iters 80]
+        [--tp 1 --pp 2 --ep 1 --iters 80]
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def main() -> None:
     a.add_argument("--workdir", default="/tmp/tiny_ft")
     a.add_argument("--tp", type=int, default=1)
     a.add_argument("--pp", type=int, default=1)
+    a.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE): also the data-parallel size")
     a.add_argument("--iters", type=int, default=80)
     a.add_argument("--samples", type=int, default=24)
     a.add_argument("--family", default="Qwen2.5-VL", help="Qwen2-VL, Qwen2.5-VL or Qwen3-VL")
@@ -55,9 +56,10 @@ def main() -> None:
     llm = [L] if args.pp == 1 else [L // args.pp] * (args.pp - 1) + [L - L // args.pp * (args.pp - 1)]
     vit = [V] + [0] * (args.pp - 1)
     conv = CONVERTERS[family(args.family).CONVERTER](progress=False)
-    conv.hf_to_mm(hf, work / "mm", tp_size=args.tp, llm_pp_layers=llm, vit_pp_layers=vit, overwrite=True)
+    conv.hf_to_mm(hf, work / "mm", tp_size=args.tp, llm_pp_layers=llm, vit_pp_layers=vit, ep_size=args.ep,
+                  overwrite=True)
     print("before:", repr(generate(hf, work / "data" / "images" / "0.png")))
-    finetune(["--nproc", str(args.tp * args.pp), "--data-config", str(data), "--load", str(work / "mm"),
+    finetune(["--nproc", str(args.tp * args.pp * args.ep), "--data-config", str(data), "--load", str(work / "mm"),
               "--save", str(work / "save"), "--save-interval", str(args.iters // 2), "--train-iters", str(args.iters),
               "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3", "--lr-warmup-iters", "4",
               "--train-vit", "--log-interval", "5", "--log-tps"])

@@ -154,3 +154,36 @@ def test_training_step_equals_transformers(model, key, hf, mm, tmp_path):
     assert set(ref) == set(got)
     bad = {n: (got[n] - g).abs().max().item() for n, g in ref.items() if (got[n] - g).abs().max() > 1e-5}
     assert not bad, bad
+
+
+@pytest.mark.parametrize("key", [(1, 1, 2), (2, 2, 2)], ids=["tp1-ep2", "tp2-pp2-ep2"])
+def test_training_step_with_expert_parallelism(key, hf, tmp_path):
+    """EP ranks are data-parallel ranks with their own batches (here: the image sample on one, the text sample
+    on the other); the MoE layers gather the EP group's tokens for every rank's experts. Loss and every
+    gradient equal transformers' on both samples together; expert gradients come back from each EP rank's
+    shard, the rest reduced over data parallel."""
+    from test_train_step import make_batch
+
+    from train.batch import collate
+    from train.data import encode, parse_sample
+
+    path = hf("qwen3moe", "grads")
+    cfg, batch = make_batch(path, tmp_path)
+    tok, ip = load_processors(path)
+    samples = [parse_sample({"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                                  {"from": "gpt", "value": "A red cat on a mat."}]}, "a"),
+               parse_sample({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there."}]}, "b")]
+    per_rank = [collate([encode(s, tok, ip, tmp_path)], cfg) for s in samples]
+    tp, pp, ep = key
+    llm, vit = LAYOUTS[(tp, pp, 1)]
+    converter("qwen3moe").hf_to_mm(path, tmp_path / "mm", tp_size=tp, llm_pp_layers=llm, vit_pp_layers=vit, ep_size=ep)
+    ref_loss, ref = hf_loss_and_grads(path, batch)
+    loss, got = engine_loss_and_grads(tmp_path / "mm", path, cfg, ParallelLayout.create(tp, llm, vit, ep_size=ep),
+                                      batch, dp_batches=per_rank)
+    assert abs(loss - ref_loss) <= 1e-5, (loss, ref_loss)
+    norm = got.pop("<grad_norm>").item()
+    ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref.values())).item()
+    assert abs(norm - ref_norm) <= 1e-5 * ref_norm, (norm, ref_norm)
+    assert set(ref) == set(got)
+    bad = {n: (got[n] - g).abs().max().item() for n, g in ref.items() if (got[n] - g).abs().max() > 1e-5}
+    assert not bad, bad

@@ -36,7 +36,8 @@ def test_example_training_configs(size):
     assert f"PP={len(infer['text_decoder']['pipeline_num_layers'])}\n" in script
 
 
-@pytest.mark.parametrize("family_args", [[], ["--family", "Qwen3-VL", "--variant", "moe"]], ids=["qwen2.5vl", "qwen3vl-moe"])
+@pytest.mark.parametrize("family_args", [[], ["--family", "Qwen3-VL", "--variant", "moe", "--ep", "2"]],
+                         ids=["qwen2.5vl", "qwen3vl-moe-ep2"])
 def test_tiny_end_to_end_example(tmp_path, family_args):
     out = subprocess.run([sys.executable, str(EX.parent / "tiny_finetune_example.py"), "--workdir", str(tmp_path),
                           "--pp", "2", "--iters", "6", *family_args], capture_output=True, text=True, timeout=300)

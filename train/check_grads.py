@@ -37,20 +37,24 @@ def hf_loss_and_grads(hf_dir, batch: dict) -> tuple[float, dict[str, torch.Tenso
 
 
 def engine_loss_and_grads(mm_dir, hf_dir, cfg: ModelConfig, layout: ParallelLayout, batch: dict,
-                          timeout: float = 600, recompute: str | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+                          timeout: float = 600, recompute: str | None = None,
+                          dp_batches: list[dict] | None = None) -> tuple[float, dict[str, torch.Tensor]]:
     """Run the ranks; return their loss and their gradients under transformers' parameter names (plus the
-    engine's global grad norm under ``<grad_norm>``)."""
+    engine's global grad norm under ``<grad_norm>``). ``dp_batches``: one batch per data-parallel rank (their
+    union is ``batch``), e.g. to train with expert parallelism, whose EP ranks are data-parallel ranks."""
     from mm_convert.converter import converter_for
 
     from .check_logits import reference_class
     from .config import read_hf_config
 
     with tempfile.TemporaryDirectory(prefix="mm_grads_") as tmp:
-        torch.save({k: v for k, v in batch.items() if k != "attention_mask"}, Path(tmp, "batch.pt"))
+        batches = dp_batches or [batch]
+        torch.save([{k: v for k, v in b.items() if k != "attention_mask"} for b in batches], Path(tmp, "batch.pt"))
         job = {"mm_dir": str(mm_dir), "config": cfg.to_dict(), "layout": layout.to_dict(), "batch": f"{tmp}/batch.pt",
                "out": f"{tmp}/grads", "recompute": recompute}
         Path(tmp, "job.json").write_text(json.dumps(job))
-        launch_local("train.check_grads", [f"{tmp}/job.json"], layout.model_ranks, timeout=timeout)
+        launch_local("train.check_grads", [f"{tmp}/job.json"], layout.tp_size * layout.pp_size * len(batches),
+                     timeout=timeout)
         write_tracker(Path(job["out"]), "release")
         converter_for(read_hf_config(hf_dir)[0], progress=False).mm_to_hf(job["out"], f"{tmp}/hf", hf_dir=hf_dir)
         grads = reference_class(hf_dir).from_pretrained(f"{tmp}/hf", dtype=torch.float32)
@@ -64,22 +68,31 @@ def _worker(job_path: str) -> None:
     from .engine import TrainModel
     from mm_convert.plan import shard_path as rel_shard
 
+    import torch.distributed as dist
+
     job = json.loads(Path(job_path).read_text())
     layout = ParallelLayout.create(**job["layout"])
-    tm = TrainModel(ModelConfig.from_dict(job["config"]), layout, job["mm_dir"], train_vit=True,
+    batches = torch.load(job["batch"], weights_only=True)
+    tm = TrainModel(ModelConfig.from_dict(job["config"]), layout, job["mm_dir"], dp_size=len(batches), train_vit=True,
                     recompute=job.get("recompute"))
-    batch = to_device(torch.load(job["batch"], weights_only=True), tm.ps.device)
-    loss = tm.forward_backward(batch, float(label_tokens(batch)))
+    ps = tm.ps
+    denom = float(sum(label_tokens(b) for b in batches))
+    batch = to_device(batches[ps.dp_rank], ps.device)
+    loss = tm.forward_backward(batch, denom)
     tm.reduce_grads()
     grads: dict = {}
     for slot, n, p in tm.named_parameters():
         grads.setdefault(slot, {})[n] = p.grad.detach().clone()
-    path = Path(job["out"]) / rel_shard(tm.ps.tp_rank, tm.ps.pp_rank, layout.pp_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({**grads, "checkpoint_version": 3.0}, path)
+    if ps.dp_rank < layout.ep_size:  # one file per TP x PP (x EP) rank, like a save
+        path = Path(job["out"]) / rel_shard(ps.tp_rank, ps.pp_rank, layout.pp_size, ps.ep_rank, layout.ep_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({**grads, "checkpoint_version": 3.0}, path)
     norm = tm.grad_norm()  # every rank takes part
-    if loss is not None and tm.ps.tp_rank == 0:
-        torch.save({"loss": float(loss / label_tokens(batch)), "grad_norm": norm}, Path(job["out"]).parent / "loss.pt")
+    total = torch.tensor(float(loss) if loss is not None and ps.tp_rank == 0 else 0.0, dtype=torch.float64,
+                         device=ps.device)
+    dist.all_reduce(total)  # the token losses of every data-parallel rank's batch
+    if ps.rank == 0:
+        torch.save({"loss": float(total / denom), "grad_norm": norm}, Path(job["out"]).parent / "loss.pt")
 
 
 if __name__ == "__main__":

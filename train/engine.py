@@ -22,7 +22,7 @@ from mm_convert.plan import slot_name
 from .checkpoint import load_strict, read_shard, shard_path
 from .config import ModelConfig, spec_of
 from .data import IGNORE
-from .model import ImageEncoder, StageModel, check_divisible
+from .model import Expert, ImageEncoder, MoE, StageModel, check_divisible
 from .parallel import ColumnLinear, Group, ParallelState, RowLinear, VocabEmbedding, init_parallel
 from .parallel import recv_tensors, send_tensors
 
@@ -32,14 +32,14 @@ class TrainModel:
                  train_vit: bool = False, train_projector: bool = True, recompute: str | None = None,
                  recompute_layers: int | None = None, ps: ParallelState | None = None):
         check_divisible(cfg, layout)
-        if layout.ep_size > 1:
-            raise LayoutError(f"ep_size {layout.ep_size}: training with expert parallelism is not supported by this "
-                              f"runtime yet; resplit the checkpoint to ep_size 1 (mm-convert ... resplit) to fine-tune")
+        if dp_size % layout.ep_size:
+            raise LayoutError(f"the checkpoint's ep_size {layout.ep_size} must divide the data-parallel size {dp_size} "
+                              f"(world / (tp x pp)); start a multiple of {layout.ep_size} x tp x pp ranks")
         self.cfg, self.layout, self.spec = cfg, layout, spec_of(cfg)
-        self.ps = ps or init_parallel(layout.tp_size, layout.pp_size, layout.vit_tp_size, dp_size)
+        self.ps = ps or init_parallel(layout.tp_size, layout.pp_size, layout.vit_tp_size, dp_size, layout.ep_size)
         self.last = layout.last_position("llm")
         self.emb_group = self._embedding_group()
-        path = shard_path(mm_dir, self.ps.tp_rank, self.ps.pp_rank, layout.pp_size)
+        path = shard_path(mm_dir, self.ps.tp_rank, self.ps.pp_rank, layout.pp_size, self.ps.ep_rank, layout.ep_size)
         self.stages: dict[int, StageModel] = {}
         states = read_shard(path, layout.vpp_size)
         self.save_dtype = next((t.dtype for st in states for t in st.values() if t.is_floating_point()),
@@ -56,7 +56,13 @@ class TrainModel:
             for m in stage.modules():
                 if isinstance(m, ImageEncoder):
                     m.recompute, m.recompute_layers = recompute, recompute_layers
+                if isinstance(m, MoE):
+                    m.shared_tokens = False  # each data-parallel rank brings its own tokens
             self.stages[pos] = stage
+        # experts differ between the ranks of an EP group: their gradients are reduced over the ranks holding
+        # the same experts (expert data parallel), everything else over all data-parallel ranks
+        self.experts = {id(p) for s in self.stages.values() for m in s.modules() if isinstance(m, Expert)
+                        for p in m.parameters()}
         self.replicas = {id(p): self._replicas(n, p, s) for s in self.stages.values() for n, p in s.named_parameters()}
         dist.barrier()
 
@@ -87,6 +93,8 @@ class TrainModel:
             return 0  # the tied embedding's copy on the last stage
         if trainable_group(self.spec, name) in ("vision", "projector"):
             return self.ps.vit_ratio if split else self.ps.tp_size
+        if id(p) in getattr(self, "experts", ()):
+            return 1 / self.layout.ep_size  # dp / ep copies of each expert, where other tensors have dp
         return 1 if split else self.ps.tp_size
 
     def _tied_on_one_stage(self) -> bool:
@@ -174,7 +182,10 @@ class TrainModel:
                 p.grad = torch.zeros_like(p)
         if self.ps.dp is not None:
             for p in params:
-                dist.all_reduce(p.grad, group=self.ps.dp.group)
+                if id(p) not in self.experts:
+                    dist.all_reduce(p.grad, group=self.ps.dp.group)
+                elif self.ps.expert_dp is not None:
+                    dist.all_reduce(p.grad, group=self.ps.expert_dp.group)
         if self.emb_group is not None:
             for _, n, p in self.named_parameters():
                 if n in self.spec.TIED_PAIR:

@@ -19,7 +19,8 @@ from mm_convert.errors import ConfigError, LayoutError
 from mm_convert.layout import ParallelLayout
 
 from .config import ModelConfig, TextConfig, VisionConfig, spec_of
-from .parallel import ColumnLinear, Group, ParallelState, RowLinear, VocabEmbedding, vocab_logits
+from .parallel import (ColumnLinear, GatherRows, Group, ParallelState, RowLinear, ScatterSum, VocabEmbedding,
+                       row_counts, vocab_logits)
 from .positions import full_seqlens, interpolated_positions, rotate_half, text_rotary, vision_rotary, window_order
 
 
@@ -322,7 +323,11 @@ class Expert(nn.Module):
 class MoE(nn.Module):
     """Top-k routed experts (softmax over all experts in fp32, top-k, renormalised when ``norm_topk_prob``).
     This EP rank holds experts [ep_rank * E/ep, (ep_rank + 1) * E/ep); every rank routes all tokens, runs its
-    own experts on the tokens sent to them, and the partial sums are added over TP (row-parallel fc2) and EP."""
+    own experts on the tokens sent to them, and the partial sums are added over TP (row-parallel fc2) and EP.
+    ``shared_tokens``: the EP ranks hold the same tokens (inference replicas: one all-reduce); else (training,
+    each rank its own batch) the group's tokens are gathered first and each rank keeps its own rows' sums."""
+
+    shared_tokens: bool = True
 
     def __init__(self, tc: TextConfig, group: Group, ep: Group | None):
         super().__init__()
@@ -338,6 +343,11 @@ class MoE(nn.Module):
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        ep = self.ep if self.ep is not None and self.ep.size > 1 else None
+        sizes = None
+        if ep is not None and not self.shared_tokens:
+            sizes = row_counts(x.shape[0], ep, x.device)
+            x = GatherRows.apply(x, ep, sizes)
         logits = F.linear(x, self.router.weight)  # replicated over TP: its input gradient is whole on each rank
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, chosen = torch.topk(probs, self.tc.experts_per_token, dim=-1)
@@ -357,8 +367,10 @@ class MoE(nn.Module):
             token, slot = torch.cat(tokens), torch.cat(slots)
             y = self.group.all_reduce(torch.cat(parts))
             out = out.index_add(0, token, y * weights[token, slot, None])
-        if self.ep is not None and self.ep.size > 1:
-            out = self.ep.all_reduce(out)
+        if ep is not None and sizes is not None:
+            return ScatterSum.apply(out, ep, sizes).view(shape)
+        if ep is not None:
+            out = ep.all_reduce(out)
         return out.view(shape)
 
 

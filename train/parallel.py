@@ -118,6 +118,7 @@ class ParallelState:
     dp: Group | None = None  # data-parallel replicas of this rank's shard (training)
     vit_ratio: int = 1       # tp_size // vit_tp_size: ranks holding the same vision slice
     ep: Group | None = None  # expert parallel: contiguous groups of ep_size data-parallel ranks, each with other experts
+    expert_dp: Group | None = None  # the ranks holding the same experts (same ep rank in every EP group): their grads
 
     @property
     def ep_rank(self) -> int:
@@ -186,7 +187,67 @@ def init_parallel(tp_size: int, pp_size: int, vit_tp_size: int = 0, dp_size: int
                     g = g if ep_size == dp_size else dist.new_group(members)
                     if rank in members:
                         ep = Group(g, dp_rank % ep_size, ep_size)
-    return ParallelState(rank, world, tp_size, pp_size, device, tp, vit, dp, ratio, ep)
+    expert_dp = None
+    if ep_size > 1 and dp_size > ep_size:
+        for l in range(mp):
+            for e in range(ep_size):
+                members = [d * mp + l for d in range(e, dp_size, ep_size)]
+                g = dist.new_group(members)
+                if rank in members:
+                    expert_dp = Group(g, members.index(rank), len(members))
+    return ParallelState(rank, world, tp_size, pp_size, device, tp, vit, dp, ratio, ep, expert_dp)
+
+
+# ---- expert parallelism: the tokens of an EP group (each rank its own batch) to every rank's experts ------------
+
+def row_counts(rows: int, g: Group, device) -> list[int]:
+    """Every rank's row count (ranks' batches differ in length)."""
+    n = torch.tensor([rows], dtype=torch.long, device=device)
+    counts = [torch.zeros_like(n) for _ in range(g.size)]
+    dist.all_gather(counts, n, group=g.group)
+    return [int(c.item()) for c in counts]
+
+
+def gather_rows(x: torch.Tensor, g: Group, sizes: list[int]) -> torch.Tensor:
+    """All ranks' rows, in rank order (``sizes``: every rank's row count)."""
+    top = max(sizes)
+    padded = torch.zeros((top,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(g.size)]
+    dist.all_gather(parts, padded.contiguous(), group=g.group)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
+
+
+class GatherRows(torch.autograd.Function):
+    """Forward: the EP group's rows (every rank gets all); backward: the gradients of this rank's rows summed
+    over the ranks (each rank's experts contributed to them)."""
+    @staticmethod
+    def forward(ctx, x, g, sizes):
+        ctx.g, ctx.sizes = g, sizes
+        return gather_rows(x, g, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.g.group)
+        start = sum(ctx.sizes[:ctx.g.rank])
+        return grad[start:start + ctx.sizes[ctx.g.rank]], None, None
+
+
+class ScatterSum(torch.autograd.Function):
+    """Forward: every rank's partial output for all the group's rows, summed, then this rank's rows; backward:
+    the gradients of each rank's rows gathered, since every rank's partial fed all of them."""
+    @staticmethod
+    def forward(ctx, z, g, sizes):
+        z = z.contiguous().clone()
+        dist.all_reduce(z, group=g.group)
+        ctx.g, ctx.sizes = g, sizes
+        start = sum(sizes[:g.rank])
+        return z[start:start + sizes[g.rank]]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return gather_rows(grad.contiguous(), ctx.g, ctx.sizes), None, None
 
 
 # ---- activations between pipeline stages --------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""Training saves in the MM layout: ``<save>/iter_NNNNNNN/mp_rank_TT[_PPP]/model_optim_rng.pt`` plus
+"""Training saves in the MM layout: ``<save>/iter_NNNNNNN/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`` plus
 ``latest_checkpointed_iteration.txt``, so ``mm_to_hf`` / ``resplit`` read them like converted weights.
 
-One file per TP x PP rank (written by data-parallel rank 0; the replicas are identical):
+One file per TP x PP (x EP) rank (written by data-parallel rank 0, or with EP the first EP group's ranks; the
+other replicas are identical):
   {"model" (or "model0", ...): weights under the converter's keys, in the checkpoint's dtype,
    "checkpoint_version": 3.0, "iteration": N,
    "optimizer": {"adamw": AdamW state_dict, "master": fp32 weights when the saved dtype is lower},
@@ -51,7 +52,8 @@ def save(save_dir, iteration: int, tm, optimizer, scheduler: dict, data_state: d
             dist.all_gather_object(rngs, rng_state(), group=ps.dp.group)
         else:
             rngs = [rng_state()]
-    if ps.dp_rank == 0:
+    ep = tm.layout.ep_size
+    if ps.dp_rank < ep:  # data-parallel replica 0 (with EP: the first EP group, one file per EP rank)
         obj: dict = {}
         master: dict = {}
         for slot, n, p in tm.named_parameters():
@@ -64,7 +66,7 @@ def save(save_dir, iteration: int, tm, optimizer, scheduler: dict, data_state: d
             obj["optimizer"] = {"adamw": optimizer.state_dict(), "master": master}
         if save_rng:
             obj["rng_state"] = rngs
-        path = it_dir / rel_shard(ps.tp_rank, ps.pp_rank, tm.layout.pp_size)
+        path = it_dir / rel_shard(ps.tp_rank, ps.pp_rank, tm.layout.pp_size, ps.ep_rank, ep)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(obj, tmp)
@@ -94,7 +96,7 @@ def load(load_dir, tm, optimizer, *, load_optim: bool = True, load_rng: bool = T
     it_dir = resolve_iteration_dir(load_dir, "--load")
     if it_dir.name == "release":
         return {"iteration": 0, "scheduler": None, "data_state": None}
-    obj = load_torch_file(it_dir / rel_shard(ps.tp_rank, ps.pp_rank, tm.layout.pp_size))
+    obj = load_torch_file(it_dir / rel_shard(ps.tp_rank, ps.pp_rank, tm.layout.pp_size, ps.ep_rank, tm.layout.ep_size))
     if not is_own_save(obj):
         # a Megatron / MindSpeed-MM training save: its weights are in tm already; its optimizer, scheduler and
         # RNG are another trainer's formats, so fine-tuning starts from it like from a release (Megatron's --finetune)

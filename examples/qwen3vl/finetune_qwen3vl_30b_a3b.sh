@@ -1,8 +1,8 @@
 #!/bin/bash
 # Fine-tune Qwen3-VL-30B-A3B-Instruct on the MM checkpoint that convert_qwen3vl_30b_a3b.sh wrote (tp=1, pp=1: the layout of
 # model_30b_a3b.json). TP and PP are read off the checkpoint; DP = world / (TP x PP).
-# Expert parallelism is not yet supported by train.finetune: resplit the converted checkpoint to
-# ep_size 1 first (mm-convert Qwen3VLMegatronConverter resplit ... --cfg.target_parallel_config.ep_size 1).
+# Expert parallel: the checkpoint's ep_size 8 is read off its shards too; EP ranks are data-parallel
+# ranks, so DP must be a multiple of 8 (world = TP x PP x DP).
 set -euo pipefail
 NPUS_PER_NODE=${NPUS_PER_NODE:-8}
 NNODES=${NNODES:-1}
