@@ -116,3 +116,37 @@ def test_check_logits_cli(tiny_hf, conv, tmp_path):
     p = cli("Qwen2_5_VLConverter", "check_logits", "--cfg.mm_dir", tmp_path / "mm", "--cfg.hf_config.hf_dir", other)
     assert p.returncode != 0
     assert "mm-convert: error:" in p.stderr and "tolerance" in p.stderr
+
+
+def test_moe_family_command_lines_with_expert_parallelism(tmp_path):
+    """Qwen3VLMegatronConverter from the command line: hf_to_mm at tp2 ep2, plan of a resplit to ep 4, the
+    resplit itself, mm_to_hf back bit for bit, verify, and check_logits with the layout read off the shards.
+    About 20-25 s: seven CLI processes (each imports torch), check_logits starting its two EP ranks."""
+    from mm_convert.testing import make_tiny_hf_checkpoint
+
+    hf = make_tiny_hf_checkpoint(tmp_path / "hf", family_name="Qwen3-VL", variant="moe", expert_layout="hub")
+    conv = "Qwen3VLMegatronConverter"
+    p = cli(conv, "hf_to_mm", "--cfg.mm_dir", tmp_path / "mm", "--cfg.hf_config.hf_dir", hf,
+            "--cfg.parallel_config.llm_pp_layers", "[4]", "--cfg.parallel_config.vit_pp_layers", "[4]",
+            "--cfg.parallel_config.tp_size", "2", "--cfg.parallel_config.ep_size", "2", "-q")
+    assert p.returncode == 0, p.stderr
+    assert sorted(load_mm_shards(tmp_path / "mm")) == [f"mp_rank_{t:02d}_{e:03d}/model_optim_rng.pt"
+                                                       for t in range(2) for e in range(2)]
+    p = cli(conv, "plan", "resplit", "--cfg.source_dir", tmp_path / "mm", "--cfg.target_dir", tmp_path / "mm4",
+            "--cfg.target_parallel_config.llm_pp_layers", "[4]", "--cfg.target_parallel_config.vit_pp_layers", "[4]",
+            "--cfg.target_parallel_config.tp_size", "1", "--cfg.target_parallel_config.ep_size", "4")
+    assert p.returncode == 0, p.stderr
+    assert "ep=2" in p.stdout and "ep=4" in p.stdout and "mp_rank_00_003" in p.stdout and not (tmp_path / "mm4").exists()
+    p = cli(conv, "resplit", "--cfg.source_dir", tmp_path / "mm", "--cfg.target_dir", tmp_path / "mm4",
+            "--cfg.target_parallel_config.llm_pp_layers", "[4]", "--cfg.target_parallel_config.vit_pp_layers", "[4]",
+            "--cfg.target_parallel_config.tp_size", "1", "--cfg.target_parallel_config.ep_size", "4", "-q")
+    assert p.returncode == 0, p.stderr
+    p = cli(conv, "mm_to_hf", "--cfg.mm_dir", tmp_path / "mm4", "--cfg.save_hf_dir", tmp_path / "back",
+            "--cfg.hf_config.hf_dir", hf, "-q")
+    assert p.returncode == 0, p.stderr
+    assert_same_tensors(load_hf_tensors(hf), load_hf_tensors(tmp_path / "back"))
+    p = cli(conv, "verify", "--cfg.mm_dir", tmp_path / "mm4", "--cfg.hf_config.hf_dir", hf)
+    assert p.returncode == 0 and "OK" in p.stdout + p.stderr, p.stderr
+    p = cli(conv, "check_logits", "--cfg.mm_dir", tmp_path / "mm", "--cfg.hf_config.hf_dir", hf)
+    assert p.returncode == 0, p.stderr
+    assert "ep=2" in p.stdout and "max abs logit difference" in p.stdout

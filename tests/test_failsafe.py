@@ -61,8 +61,8 @@ class Env:
             shutil.copytree(self.sources[which], d)
         return d
 
-    def hf_to_mm(self, hf=None, llm="[4]", vit="[4]", tp=1, out=None, extra=()):
-        return [CONV, "hf_to_mm", "--cfg.mm_dir", out or self.out, "--cfg.hf_config.hf_dir", hf or self.hf(),
+    def hf_to_mm(self, hf=None, llm="[4]", vit="[4]", tp=1, out=None, extra=(), conv=CONV):
+        return [conv, "hf_to_mm", "--cfg.mm_dir", out or self.out, "--cfg.hf_config.hf_dir", hf or self.hf(),
                 "--cfg.parallel_config.llm_pp_layers", llm, "--cfg.parallel_config.vit_pp_layers", vit,
                 "--cfg.parallel_config.tp_size", tp, "-q", *extra]
 
@@ -231,6 +231,21 @@ def _(e):
 @case("tp_not_dividing_vocab", "tp 2 with vocab_size 321", "vocab_size (321)")
 def _(e):
     return e.hf_to_mm(hf=e.hf("vocab321"), tp=2)
+
+
+@case("ep_on_dense_model", "--cfg.parallel_config.ep_size 2 for a dense model", "ep_size 2: this Qwen2.5-VL model has no experts")
+def _(e):
+    return e.hf_to_mm(extra=["--cfg.parallel_config.ep_size", "2"])
+
+
+@case("ep_not_dividing_experts", "ep 3 with 8 experts (Qwen3-VL MoE)", "ep_size 3 does not divide the num_experts (8)")
+def _(e):
+    return e.hf_to_mm(hf=e.hf("moe"), conv="Qwen3VLMegatronConverter", extra=["--cfg.parallel_config.ep_size", "3"])
+
+
+@case("wrong_family_converter", "a Qwen3-VL checkpoint given to Qwen2_5_VLConverter", "model_type is 'qwen3_vl_moe', expected one of ['qwen2_5_vl']")
+def _(e):
+    return e.hf_to_mm(hf=e.hf("moe"))
 
 
 # ---- MM input -------------------------------------------------------------------------------------------
@@ -445,7 +460,9 @@ def sources(tiny_hf, tmp_path_factory):
     from mm_convert.synthetic import write_synthetic_checkpoint
     conv = Qwen2_5_VLConverter(progress=False)
     root = tmp_path_factory.mktemp("failsafe_src")
-    src = {"tiny": tiny_hf(), "sharded": tiny_hf(sharded=True)}
+    from mm_convert.testing import make_tiny_hf_checkpoint
+    src = {"tiny": tiny_hf(), "sharded": tiny_hf(sharded=True),
+           "moe": make_tiny_hf_checkpoint(root / "moe", family_name="Qwen3-VL", variant="moe")}
     for name, over in (("ffn97", {"intermediate_size": 97}), ("vocab321", {"vocab_size": 321})):
         (root / f"{name}.json").write_text(json.dumps(tiny_config_dict(**over)))
         src[name] = write_synthetic_checkpoint(root / f"{name}.json", root / name, dtype=torch.float32)

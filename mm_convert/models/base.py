@@ -169,7 +169,12 @@ def vision_section(cfg: dict, source: str, family: str) -> dict:
 
 def check_model_type(cfg: dict, types: Sequence[str], family: str, source: str) -> None:
     if cfg.get("model_type") not in types:
-        raise ConfigError(f"{source}: model_type is {cfg.get('model_type')!r}, expected one of {list(types)} ({family})")
+        from . import spec_for_model_type  # the registry imports the family modules, which import this one
+
+        other = spec_for_model_type(cfg.get("model_type"))
+        hint = f"; it is a {other.NAME} checkpoint: use {other.CONVERTER}" if other else ""
+        raise ConfigError(f"{source}: model_type is {cfg.get('model_type')!r}, expected one of {list(types)} "
+                          f"({family}){hint}")
 
 
 def tied_flag(cfg: dict) -> bool:
