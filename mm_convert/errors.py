@@ -22,6 +22,10 @@ class CheckpointError(MMConvertError):
     """A checkpoint file or tensor that is missing, corrupt, or not what the config says."""
 
 
+class DataError(MMConvertError):
+    """Training data that cannot be used: one line per bad sample, naming the data file, index and id."""
+
+
 class VerifyError(MMConvertError):
     """Two checkpoints that should hold the same tensors do not."""
 

@@ -46,7 +46,8 @@ def test_both_formats_and_data_json(tmp_path):
     cfg.max_samples = 1
     assert len(load_samples(cfg)) == 1
     with pytest.raises(ValueError, match="placeholders"):
-        parse_sample({"image": "a.png", "conversations": [{"from": "human", "value": "<image><image>x"}]}, "x[0]")
+        parse_sample({"image": "a.png", "conversations": [{"from": "human", "value": "<image><image>x"},
+                                                          {"from": "gpt", "value": "y"}]}, "x[0]")
 
 
 def test_encode_masks_all_but_assistant_and_expands_image(tmp_path, processors):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from mm_convert.errors import DataError
+
 IGNORE = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -55,35 +57,101 @@ def load_data_config(path: str | Path) -> DataConfig:
 
 
 def parse_sample(obj: dict, where: str) -> Sample:
+    """One sample of either format; ValueError naming ``where`` and what is wrong."""
+    try:
+        return _parse(obj, where)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _parse(obj, where: str) -> Sample:
+    if not isinstance(obj, dict):
+        raise ValueError(f"a sample is a JSON object, got {type(obj).__name__}")
     if "conversations" in obj:
-        turns = [(ROLES.get(t.get("from"), ""), t.get("value", "")) for t in obj["conversations"]]
+        raw = [(t.get("from"), t.get("value", "")) for t in obj["conversations"] if isinstance(t, dict)]
         images = [obj["image"]] if isinstance(obj.get("image"), str) else list(obj.get("image") or [])
     elif "messages" in obj:
-        turns = [(ROLES.get(t.get("role"), ""), t.get("content", "")) for t in obj["messages"]]
+        raw = [(t.get("role"), t.get("content", "")) for t in obj["messages"] if isinstance(t, dict)]
         images = list(obj.get("images") or [])
     else:
-        raise ValueError(f"{where}: expected 'conversations' (mllm format) or 'messages'")
-    bad = [r for r, _ in turns if not r]
-    if bad or not turns:
-        raise ValueError(f"{where}: every turn needs a role of {sorted(ROLES)}")
+        raise ValueError("expected 'conversations' (mllm format) or 'messages'")
+    if not raw:
+        raise ValueError("no turns")
+    for n, (role, _) in enumerate(raw):
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} in turn {n}; expected one of {sorted(ROLES)}")
+    turns = [(ROLES[r], t if isinstance(t, str) else str(t)) for r, t in raw]
+    if not any(r == "assistant" for r, _ in turns):
+        raise ValueError("no assistant turn (nothing to learn from)")
     placeholders = sum(t.count("<image>") for _, t in turns)
     if images and placeholders == 0:  # LLaVA data sometimes omits the tag: the image goes first
         turns[0] = (turns[0][0], "<image>\n" * len(images) + turns[0][1])
     elif placeholders != len(images):
-        raise ValueError(f"{where}: {placeholders} <image> placeholders for {len(images)} images")
+        raise ValueError(f"{placeholders} <image> placeholders for {len(images)} images")
     return Sample(str(obj.get("id", where)), turns, images)
 
 
-def load_samples(cfg: DataConfig) -> list[Sample]:
-    out = []
+@dataclass(frozen=True)
+class BadSample:
+    file: str
+    index: int
+    id: str
+    what: str
+
+    def line(self) -> str:
+        return f"{self.file}: sample {self.index} (id {self.id!r}): {self.what}"
+
+
+def read_samples(cfg: DataConfig) -> tuple[list[tuple[Sample, str, int]], list[BadSample]]:
+    """(sample, file, index) of every well-formed sample (up to max_samples), and the malformed ones."""
+    good, bad = [], []
     for name in cfg.datasets:
         path = Path(name)
-        items = json.loads(path.read_text())
+        try:
+            items = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: cannot read the dataset ({str(e).splitlines()[0]})") from None
+        if not isinstance(items, list):
+            raise DataError(f"{path}: expected a JSON list of samples")
         for i, obj in enumerate(items):
-            out.append(parse_sample(obj, f"{path}[{i}]"))
-            if cfg.max_samples and len(out) >= cfg.max_samples:
-                return out
-    return out
+            try:
+                good.append((_parse(obj, f"{path}[{i}]"), str(path), i))
+            except ValueError as e:
+                bad.append(BadSample(str(path), i, str(obj.get("id", "?")) if isinstance(obj, dict) else "?", str(e)))
+            if cfg.max_samples and len(good) >= cfg.max_samples:
+                return good, bad
+    return good, bad
+
+
+def load_samples(cfg: DataConfig) -> list[Sample]:
+    """The samples; DataError naming the first malformed one."""
+    good, bad = read_samples(cfg)
+    if bad:
+        raise DataError(bad[0].line())
+    return [s for s, _, _ in good]
+
+
+def checked_length(sample: Sample, tokenizer, image_processor, image_root, seq_length: int | None) -> tuple[int, str | None]:
+    """(token length, None), or (0, what is wrong): a missing or unreadable image, an image the processor
+    cannot resize, a sample longer than ``seq_length`` tokens."""
+    from PIL import Image, UnidentifiedImageError
+
+    for p in sample.images:
+        path = Path(image_root) / p
+        if not path.is_file():
+            return 0, f"missing image {path}"
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            return 0, f"unreadable image {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    try:
+        n = token_length(sample, tokenizer, image_processor, image_root)
+    except ValueError as e:  # the resize rule refuses, e.g. an aspect ratio beyond 200
+        return 0, f"image cannot be resized within the processor's pixel bounds ({str(e).splitlines()[0]})"
+    if seq_length and n > seq_length:
+        return n, f"{n} tokens, longer than --seq-length {seq_length}"
+    return n, None
 
 
 def image_tokens(width: int, height: int, image_processor) -> int:

@@ -1,4 +1,4 @@
-"""Fine-tune Qwen2.5-VL on MM shards: ``torchrun --nproc-per-node N -m train.finetune --data-config data.json
+"""Fine-tune a Qwen-VL model on MM shards: ``torchrun --nproc-per-node N -m train.finetune --data-config data.json
 --load ckpt/mm_path/... --save out ...`` (or ``python -m train.finetune --nproc N ...`` to start the ranks here).
 
 World = DP x TP x PP; TP and PP (and VPP) are read off the ``--load`` checkpoint, DP is what is left. Each
@@ -21,7 +21,11 @@ import torch.distributed as dist
 
 from .batch import collate, label_tokens, to_device
 from .config import ModelConfig
-from .data import encode, load_data_config, load_samples, token_length
+from mm_convert.errors import ConfigError, DataError, LayoutError, MMConvertError
+
+from .data import BadSample, checked_length, encode, load_data_config, read_samples
+
+MAX_LISTED = 20  # bad samples listed before the run stops
 from .inputs import load_processors
 from .sampler import BucketBatchSampler, RandomBatchSampler
 
@@ -67,6 +71,11 @@ def parse_args(argv=None):
     add("--log-tps", action="store_true", help="also log tokens per second")
     add("--log-json", help="rank 0 appends one JSON record per iteration here")
     add("--nproc", type=int, help="start this many local ranks (instead of torchrun)")
+    add("--seq-length", type=int, help="longest sample in tokens (image tokens included); longer ones are bad samples")
+    add("--skip-bad-samples", action="store_true",
+        help="train on the rest when samples are bad (missing / unreadable image, no assistant turn, unknown role, "
+             "too long): they are counted in the log and the save; by default the run stops before training, "
+             "listing them")
     return a.parse_args(argv)
 
 
@@ -109,8 +118,27 @@ class Data:
         self.tok, self.improc = load_processors(dc.model_name_or_path)
         self.cfg = cfg
         self.root = dc.dataset_dir
-        self.samples = load_samples(dc)
-        self.lengths = [token_length(s, self.tok, self.improc, self.root) for s in self.samples]
+        self.samples, self.lengths, bad = [], [], []
+        parsed, bad = read_samples(dc)
+        total = len(parsed) + len(bad)
+        for sample, file, index in parsed:
+            n, what = checked_length(sample, self.tok, self.improc, self.root, args.seq_length)
+            if what:
+                bad.append(BadSample(file, index, sample.id, what))
+            else:
+                self.samples.append(sample)
+                self.lengths.append(n)
+        self.skipped = len(bad)
+        if bad and not args.skip_bad_samples:
+            shown = [b.line() for b in sorted(bad, key=lambda b: (b.file, b.index))[:MAX_LISTED]]
+            more = f" ({len(bad) - MAX_LISTED} more not listed)" if len(bad) > MAX_LISTED else ""
+            raise DataError("\n".join(shown) + f"\n{len(bad)} bad samples of {total} read{more}; nothing was "
+                            f"trained: fix them or pass --skip-bad-samples")
+        if bad and dp_rank == 0 and int(os.environ.get("RANK", 0)) == 0:
+            print(f"[data] skipped {len(bad)} bad samples (--skip-bad-samples), training on {len(self.samples)}; "
+                  f"first: {bad[0].line()}", flush=True)
+        if not self.samples:
+            raise DataError(f"{args.data_config}: no usable samples")
         lengths = self.lengths
         cls = BucketBatchSampler if dc.sampler_type == "BucketBatchSampler" else RandomBatchSampler
         self.sampler = cls(lengths, args.micro_batch_size, dp_size, dp_rank, seed=args.seed)
@@ -124,7 +152,7 @@ class Data:
             self.sampler.set_epoch(self.epoch)
             self._steps = self.sampler.steps()
             if not self._steps:
-                raise ValueError("the dataset has fewer samples than micro_batch_size x DP")
+                raise DataError("the dataset has fewer samples than micro_batch_size x DP")
         if self.pos >= len(self._steps):
             self.epoch, self.pos, self._steps = self.epoch + 1, 0, None
             return self.next_step()
@@ -132,7 +160,7 @@ class Data:
         return self._steps[self.pos - 1]
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.pos}
+        return {"epoch": self.epoch, "step_in_epoch": self.pos, "skipped_samples": self.skipped}
 
     def restore(self, s: dict) -> None:
         self.epoch, self.pos, self._steps = s["epoch"], s["step_in_epoch"], None
@@ -154,21 +182,25 @@ def train(args) -> None:
     apply_model_json(args)
     torch.manual_seed(args.seed)
     dc = load_data_config(args.data_config)
+    if args.save:  # every rank, before anything is read: a crash during a save is undone (races are harmless)
+        for line in saving.recover(args.save):
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"[save] {line}", flush=True)
     cfg = ModelConfig.from_hf(dc.model_name_or_path)
     layout = converter_for(read_hf_config(dc.model_name_or_path)[0], progress=False).layout_of(
         args.load, dc.model_name_or_path, "--load")
     for flag, want, have in (("--tensor-model-parallel-size", args.tensor_model_parallel_size, layout.tp_size),
                              ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size, layout.pp_size)):
         if want is not None and want != have:
-            raise ValueError(f"{flag} {want}, but {args.load} is laid out with {have}; resplit it first")
+            raise LayoutError(f"{flag} {want}, but {args.load} is laid out with {have}; resplit it first")
     world = int(os.environ.get("WORLD_SIZE", 1))
     mp = layout.tp_size * layout.pp_size
     if world % mp:
-        raise ValueError(f"world size {world} is not a multiple of tp {layout.tp_size} x pp {layout.pp_size}")
+        raise LayoutError(f"world size {world} is not a multiple of tp {layout.tp_size} x pp {layout.pp_size}")
     dp = world // mp
     per_step = args.micro_batch_size * dp
     if args.global_batch_size % per_step:
-        raise ValueError(f"global batch {args.global_batch_size} is not a multiple of micro batch x DP = {per_step}")
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not a multiple of micro batch x DP = {per_step}")
     n_micro = args.global_batch_size // per_step
     tm = TrainModel(cfg, layout, args.load, dp_size=dp, train_vit=args.train_vit, train_projector=not args.freeze_projector,
                     recompute=args.recompute_granularity, recompute_layers=args.recompute_num_layers)
@@ -248,5 +280,17 @@ def main(argv=None) -> None:
     worker_main(train, args)
 
 
+def cli(argv=None) -> None:
+    """``python -m train.finetune``: errors of the tool's own kinds (bad data, checkpoint, layout) are printed
+    once (by rank 0 under torchrun), without a traceback, and exit 2."""
+    try:
+        main(argv)
+    except MMConvertError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            for line in str(e).splitlines():
+                print(f"train.finetune: error: {line}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +42,47 @@ def set_rng_state(s: dict) -> None:
     torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
 
 
+STAGING = ".saving"  # suffix of an iteration directory being written
+ASIDE = ".replaced"  # suffix of a complete iteration directory moved aside while its replacement moves in
+
+
+def recover(save_dir) -> list[str]:
+    """Make a save directory consistent after a crash (rank 0, before loading): an iteration moved aside while
+    being replaced comes back if its replacement never arrived; staging directories of saves that never
+    finished are removed. Returns what was done, one line each."""
+    root = Path(save_dir)
+    done = []
+    if not root.is_dir():
+        return done
+    for d in sorted(root.glob(f"iter_*{ASIDE}")):
+        final = d.with_name(d.name[: -len(ASIDE)])
+        try:
+            if final.exists():
+                shutil.rmtree(d)
+            else:
+                os.replace(d, final)
+                done.append(f"{final}: restored (a save replacing it was interrupted)")
+        except FileNotFoundError:
+            pass  # another rank did it
+    for d in sorted(root.glob(f"iter_*{STAGING}")):
+        shutil.rmtree(d, ignore_errors=True)
+        done.append(f"{d}: removed, an interrupted save that never completed")
+    return done
+
+
 def save(save_dir, iteration: int, tm, optimizer, scheduler: dict, data_state: dict, args: dict, *,
          save_optim: bool = True, save_rng: bool = True) -> Path:
+    """Every rank writes its shard into ``iter_NNNNNNN.saving/``; once all are there, rank 0 renames it to
+    ``iter_NNNNNNN`` and only then moves the tracker: a crash at any moment leaves the tracker naming a
+    complete iteration (the staging directory is removed by ``recover`` at the next start)."""
     ps = tm.ps
     root = Path(save_dir)
     it_dir = root / iteration_dir_name(iteration)
+    stage = it_dir.with_name(it_dir.name + STAGING)
+    if ps.rank == 0:
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+    dist.barrier()
     rngs = [None] * ps.dp_size
     if save_rng:  # every DP rank's RNG goes into the file its replica 0 writes
         if ps.dp is not None:
@@ -66,13 +103,18 @@ def save(save_dir, iteration: int, tm, optimizer, scheduler: dict, data_state: d
             obj["optimizer"] = {"adamw": optimizer.state_dict(), "master": master}
         if save_rng:
             obj["rng_state"] = rngs
-        path = it_dir / rel_shard(ps.tp_rank, ps.pp_rank, tm.layout.pp_size, ps.ep_rank, ep)
+        path = stage / rel_shard(ps.tp_rank, ps.pp_rank, tm.layout.pp_size, ps.ep_rank, ep)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(obj, tmp)
         os.replace(tmp, path)  # a reader never sees half a file
     dist.barrier()
-    if ps.rank == 0:  # the tracker moves only once every shard of the iteration is complete
+    if ps.rank == 0:  # every shard is in: the iteration moves into place, then the tracker follows
+        aside = it_dir.with_name(it_dir.name + ASIDE)
+        if it_dir.exists():  # the same iteration saved before (a rerun): replaced as a whole
+            os.replace(it_dir, aside)
+        os.replace(stage, it_dir)
+        shutil.rmtree(aside, ignore_errors=True)
         tmp = root / (TRACKER + ".tmp")
         tmp.write_text(f"{iteration}\n")
         os.replace(tmp, root / TRACKER)
