@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-import torch
 
 from . import __version__
-from .errors import CheckpointError, ConfigError, LayoutError, MMConvertError, VerifyError
-from .execute import Loc, Ranks, Sources, default_workers, matches, run_files, write_file
+from .errors import CheckpointError, ConfigError, LayoutError, MMConvertError
+from .execute import Loc, Ranks, Sources, default_workers, matches, run_files
 from .formats import dcp as dcp_format
 from .formats import dist
 from .formats import hf as hf_format

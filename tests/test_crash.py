@@ -151,7 +151,7 @@ def test_sigint_keeps_finished_files_and_resume_is_bit_identical(clean, tmp_path
     assert (tmp / JOURNAL).is_file()
     kept = read_journal(tmp)[1]
     assert kept, "the file finished before the interrupt is journaled"
-    r = _cli(_args(hf, target, "--resume"))
+    _cli(_args(hf, target, "--resume"))  # asserts exit 0
     assert _files(target) == want
     assert not tmp.exists()
 

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from mm_convert.cli import main
-from mm_convert.manifest import JOURNAL, MANIFEST, check_manifest, read_journal, start_journal
+from mm_convert.manifest import MANIFEST, check_manifest, start_journal
 
 CONV = "Qwen2_5_VLConverter"
 LAYOUT = dict(tp_size=2, llm_pp_layers=[1, 3], vit_pp_layers=[4, 0])
