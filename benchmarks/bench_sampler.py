@@ -60,10 +60,10 @@ def main() -> None:
 
     from mm_convert import Qwen2_5_VLConverter
     from mm_convert.testing import make_tiny_hf_checkpoint
-    from train.data import load_data_config, load_samples, token_length
-    from train.finetune import main as finetune
-    from train.inputs import load_processors
-    from train.sampler import BucketBatchSampler, RandomBatchSampler
+    from mm_train.data import load_data_config, load_samples, token_length
+    from mm_train.finetune import main as finetune
+    from mm_train.inputs import load_processors
+    from mm_train.sampler import BucketBatchSampler, RandomBatchSampler
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_sampler_") as tmp:

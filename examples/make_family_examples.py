@@ -53,7 +53,7 @@ GBS=$(($MBS*$GRAD_ACC_STEP*$DP))
 
 mkdir -p logs
 torchrun --nproc_per_node $NPUS_PER_NODE --nnodes $NNODES --node_rank $NODE_RANK \\
-    --master_addr $MASTER_ADDR --master_port $MASTER_PORT -m train.finetune \\
+    --master_addr $MASTER_ADDR --master_port $MASTER_PORT -m mm_train.finetune \\
     --mm-data $MM_DATA --mm-model $MM_MODEL \\
     --tensor-model-parallel-size $TP --pipeline-model-parallel-size $PP \\
     --micro-batch-size $MBS --global-batch-size $GBS \\
@@ -77,13 +77,13 @@ mm-convert {converter} hf_to_mm \\
   --cfg.parallel_config.vit_pp_layers [{vit}] \\
   --cfg.parallel_config.tp_size {tp}{ep_flag}
 # optional: mm-convert {converter} check_logits --cfg.mm_dir ckpt/mm_path/{repo} --cfg.hf_config.hf_dir ckpt/hf_path/{repo}
-# inference: python -m train.infer --config examples/{folder}/inference_{stem}.json
+# inference: python -m mm_train.infer --config examples/{folder}/inference_{stem}.json
 """
 
 
 def main() -> None:
     from mm_convert.testing import family, published_config_path
-    from train.config import to_mm
+    from mm_train.config import to_mm
 
     for fam, sizes in LAYOUTS.items():
         spec = family(fam)

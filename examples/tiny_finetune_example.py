@@ -8,18 +8,16 @@ steps (tp x pp ranks on gloo), save, convert the save back to HF, and generate w
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def generate(hf_dir, image_path, prompt="What colour is this?") -> str:
     import torch
 
-    from train.check_logits import reference_class
-    from train.config import ModelConfig
-    from train.inputs import build_inputs, hf_kwargs, load_processors
+    from mm_train.check_logits import reference_class
+    from mm_train.config import ModelConfig
+    from mm_train.inputs import build_inputs, hf_kwargs, load_processors
 
     tok, ip = load_processors(hf_dir)
     inputs = build_inputs(tok, ip, ModelConfig.from_hf(hf_dir), prompt, image_path)
@@ -43,9 +41,9 @@ def main() -> None:
 
     from mm_convert import CONVERTERS
     from mm_convert.testing import family, make_tiny_hf_checkpoint
-    from train.config import ModelConfig
-    from train.finetune import main as finetune
-    from train.toydata import make_caption_set
+    from mm_train.config import ModelConfig
+    from mm_train.finetune import main as finetune
+    from mm_train.toydata import make_caption_set
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

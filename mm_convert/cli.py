@@ -379,7 +379,7 @@ def _make_group(name: str, cls) -> click.Group:
         """Run transformers on the HF checkpoint and the bundled runtime (tp x pp local processes) on the MM
         checkpoint with the same image + text input; print the max abs logit difference, exit 1 above --tolerance."""
         def go():
-            from train.check_logits import check_logits as run_check
+            from mm_train.check_logits import check_logits as run_check
             return run_check(mm_dir, hf_dir, tp_size=tp_size, llm_pp_layers=llm_pp_layers, vit_pp_layers=vit_pp_layers,
                              tolerance=tolerance, vit_tp_size=vit_tp_size, ep_size=ep_size,
                              log=lambda s: None if quiet else click.echo(s))

@@ -13,10 +13,10 @@ import torch
 from mm_convert import CONVERTERS
 from mm_convert.layout import ParallelLayout
 from mm_convert.testing import family, make_tiny_hf_checkpoint
-from train.check_grads import engine_loss_and_grads, hf_loss_and_grads
-from train.check_logits import check_logits, default_image, reference_class, run_local
-from train.config import ModelConfig
-from train.inputs import build_inputs, hf_kwargs, load_processors
+from mm_train.check_grads import engine_loss_and_grads, hf_loss_and_grads
+from mm_train.check_logits import check_logits, default_image, reference_class, run_local
+from mm_train.config import ModelConfig
+from mm_train.inputs import build_inputs, hf_kwargs, load_processors
 
 MODELS = {"qwen2vl": ("Qwen2-VL", "", False), "qwen3vl-tied": ("Qwen3-VL", "", True), "qwen3moe": ("Qwen3-VL", "moe", False)}
 LAYOUTS = {  # (tp, pp, ep) -> (llm_pp_layers, vit_pp_layers)
@@ -164,8 +164,8 @@ def test_training_step_with_expert_parallelism(key, hf, tmp_path):
     shard, the rest reduced over data parallel."""
     from test_train_step import make_batch
 
-    from train.batch import collate
-    from train.data import encode, parse_sample
+    from mm_train.batch import collate
+    from mm_train.data import encode, parse_sample
 
     path = hf("qwen3moe", "grads")
     cfg, batch = make_batch(path, tmp_path)

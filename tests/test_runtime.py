@@ -21,9 +21,9 @@ import torch
 
 from mm_convert.errors import CheckpointError, LayoutError, VerifyError
 from mm_convert.layout import ParallelLayout
-from train.check_logits import check_logits, default_image, run_local
-from train.config import ModelConfig, mm_pipeline_layers, to_mm
-from train.inputs import build_inputs, hf_kwargs, load_processors
+from mm_train.check_logits import check_logits, default_image, run_local
+from mm_train.config import ModelConfig, mm_pipeline_layers, to_mm
+from mm_train.inputs import build_inputs, hf_kwargs, load_processors
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = {  # (tp, pp) -> (llm_pp_layers, vit_pp_layers)
@@ -200,7 +200,7 @@ def test_sampling_processors_match_transformers():
     from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                               TopKLogitsWarper, TopPLogitsWarper)
 
-    from train.generate import GenerationConfig, process_scores
+    from mm_train.generate import GenerationConfig, process_scores
 
     torch.manual_seed(0)
     logits = torch.randn(320) * 3
@@ -220,7 +220,7 @@ def test_sampling_processors_match_transformers():
 
 
 def test_infer_cli(hf_ckpt, mm_ckpt, tmp_path):
-    """python -m train.infer with a MindSpeed-style inference json starts its ranks and decodes like
+    """python -m mm_train.infer with a MindSpeed-style inference json starts its ranks and decodes like
     transformers' generate (repetition penalty 1.05 as in the examples)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -236,7 +236,7 @@ def test_infer_cli(hf_ckpt, mm_ckpt, tmp_path):
     (tmp_path / "infer.json").write_text(json.dumps(conf))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.pop("RANK", None)
-    proc = subprocess.run([sys.executable, "-m", "train.infer", "--config", str(tmp_path / "infer.json"),
+    proc = subprocess.run([sys.executable, "-m", "mm_train.infer", "--config", str(tmp_path / "infer.json"),
                            "--output", str(tmp_path / "out.json")], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -295,7 +295,7 @@ def test_wrong_shape_and_unexpected_parameters_are_refused(hf_ckpt, mm_ckpt, tmp
 def test_inputs_expand_image_tokens_and_mrope_matches_transformers(hf_ckpt):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
 
-    from train.positions import mrope_positions
+    from mm_train.positions import mrope_positions
 
     hf = hf_ckpt("untied")
     cfg = ModelConfig.from_hf(hf)
@@ -371,7 +371,7 @@ def test_example_inference_configs(size):
     cfg = ModelConfig.from_mm(conf)
     tp, llm, vit = CONVERTER_LAYOUTS[size]
     assert (conf["tensor_model_parallel_size"], *mm_pipeline_layers(conf)) == (tp, llm, vit)
-    from train.model import check_divisible
+    from mm_train.model import check_divisible
 
     check_divisible(cfg, ParallelLayout.create(tp, llm, vit))  # layer sums and TP splits fit the model
     from mm_convert.testing import published_config_path

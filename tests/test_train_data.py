@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.data import IGNORE, encode, image_tokens, load_data_config, load_samples, parse_sample
-from train.sampler import BucketBatchSampler, RandomBatchSampler, padding_stats
+from mm_train.data import IGNORE, encode, image_tokens, load_data_config, load_samples, parse_sample
+from mm_train.sampler import BucketBatchSampler, RandomBatchSampler, padding_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def processors(tmp_path_factory):
     from mm_convert.tiny_tokenizer import write_tiny_processor
-    from train.inputs import load_processors
+    from mm_train.inputs import load_processors
     d = tmp_path_factory.mktemp("proc")
     write_tiny_processor(d, "Qwen2_5_VLProcessor")
     return load_processors(d)
@@ -108,7 +108,7 @@ def test_llava_conversion_skips_missing_images(tmp_path):
 def test_token_length_matches_encode_without_decoding(tmp_path, processors):
     """The samplers' lengths come from image headers; they must be the encoded lengths exactly."""
     from PIL import Image
-    from train.data import token_length
+    from mm_train.data import token_length
     tok, ip = processors
     for i, (w, h) in enumerate([(28, 28), (84, 56), (224, 112), (300, 41)]):
         Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / f"{i}.png")

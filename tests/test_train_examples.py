@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from train.config import ModelConfig, mm_pipeline_layers
-from train.data import load_data_config
-from train.finetune import apply_model_json, parse_args
+from mm_train.config import ModelConfig, mm_pipeline_layers
+from mm_train.data import load_data_config
+from mm_train.finetune import apply_model_json, parse_args
 
 EX = Path(__file__).resolve().parents[1] / "examples" / "qwen2.5vl"
 
@@ -31,7 +31,7 @@ def test_example_training_configs(size):
     assert dc.sampler_type == "BucketBatchSampler" and size.upper() in dc.model_name_or_path
     script = (EX / f"finetune_qwen2_5_vl_{size}.sh").read_text()
     subprocess.run(["bash", "-n", str(EX / f"finetune_qwen2_5_vl_{size}.sh")], check=True)
-    assert f"model_{size}.json" in script and f"data_{size}.json" in script and "-m train.finetune" in script
+    assert f"model_{size}.json" in script and f"data_{size}.json" in script and "-m mm_train.finetune" in script
     assert f"TP={infer['tensor_model_parallel_size']}\n" in script
     assert f"PP={len(infer['text_decoder']['pipeline_num_layers'])}\n" in script
 
@@ -59,7 +59,7 @@ def test_family_examples_describe_the_published_models(fam, size, folder, tp, ep
     their layout fits it (sums, TP / EP divisibility), and the scripts parse and use that layout."""
     from mm_convert.testing import published_config_path
     from mm_convert.layout import ParallelLayout
-    from train.model import check_divisible
+    from mm_train.model import check_divisible
 
     d = EX.parent / folder
     stem = f"{folder}_{size}"
@@ -79,3 +79,17 @@ def test_family_examples_describe_the_published_models(fam, size, folder, tp, ep
     assert (f"ep_size {ep}" in convert) == (ep > 1) and repo in convert
     assert f"TP={tp}\n" in (d / f"finetune_{stem}.sh").read_text()
     assert load_data_config(d / f"data_{size}.json").model_name_or_path.endswith(repo)
+
+
+def test_runtime_is_not_shadowed_by_a_users_train_py(tmp_path):
+    """The runtime imports as mm_train: from a working directory holding a train.py (and a train/ folder), the
+    fine-tune example and python -m mm_train.finetune --help still run ours."""
+    (tmp_path / "train.py").write_text("raise SystemExit('the user train.py was imported')\n")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "__init__.py").write_text("raise SystemExit('the user train package was imported')\n")
+    p = subprocess.run([sys.executable, "-m", "mm_train.finetune", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0 and "--data-config" in p.stdout, p.stderr
+    out = subprocess.run([sys.executable, str(EX.parent / "tiny_finetune_example.py"), "--workdir", str(tmp_path / "w"),
+                          "--iters", "2", "--samples", "4"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "after:" in out.stdout

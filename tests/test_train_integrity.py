@@ -27,7 +27,7 @@ def setup(tiny_hf, tmp_path_factory):
     from PIL import Image
 
     from mm_convert import Qwen2_5_VLConverter
-    from train.toydata import make_caption_set
+    from mm_train.toydata import make_caption_set
 
     root = tmp_path_factory.mktemp("integrity")
     hf = tiny_hf()
@@ -56,7 +56,7 @@ def setup(tiny_hf, tmp_path_factory):
 
 
 def finetune(setup, *extra, save=None):
-    args = [sys.executable, "-m", "train.finetune", "--data-config", setup["data"], "--load", setup["mm"],
+    args = [sys.executable, "-m", "mm_train.finetune", "--data-config", setup["data"], "--load", setup["mm"],
             "--train-iters", "2", "--micro-batch-size", "2", "--global-batch-size", "2", "--seq-length", "300",
             "--lr", "1e-3", *extra] + (["--save", save, "--save-interval", "2"] if save else [])
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -66,7 +66,7 @@ def test_bad_samples_stop_the_run_before_training(setup, tmp_path):
     p = finetune(setup, save=tmp_path / "save")
     assert p.returncode == 2, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and "iteration" not in p.stdout
-    lines = [line for line in p.stderr.splitlines() if line.startswith("train.finetune: error: ")]
+    lines = [line for line in p.stderr.splitlines() if line.startswith("mm_train.finetune: error: ")]
     captions = str(setup["root"] / "data" / "captions.json")
     for index, id_, what in setup["bad"]:
         mine = [line for line in lines if f"sample {index} (id '{id_}')" in line]
@@ -90,11 +90,11 @@ def test_corrupt_save_is_refused_in_one_line(setup, tmp_path):
     shard = tmp_path / "save" / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     args = ["--skip-bad-samples"]
-    p = subprocess.run([sys.executable, "-m", "train.finetune", "--data-config", str(setup["data"]), "--load",
+    p = subprocess.run([sys.executable, "-m", "mm_train.finetune", "--data-config", str(setup["data"]), "--load",
                         str(tmp_path / "save"), "--train-iters", "4", "--micro-batch-size", "2", "--global-batch-size",
                         "2", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    errors = [line for line in p.stderr.splitlines() if line.startswith("train.finetune: error: ")]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("mm_train.finetune: error: ")]
     assert len(errors) == 1 and str(shard) in errors[0] and "truncated or corrupt" in errors[0], p.stderr[-1500:]
 
 
@@ -124,7 +124,7 @@ def test_sigkill_at_random_moments_of_saves(setup, tiny_hf, tmp_path):
     iters = "6"
 
     def cmd(save):
-        return [sys.executable, "-m", "train.finetune", "--nproc", "4", "--data-config", str(setup["data"]),
+        return [sys.executable, "-m", "mm_train.finetune", "--nproc", "4", "--data-config", str(setup["data"]),
                 "--load", str(save if (save / "latest_checkpointed_iteration.txt").exists() else mm),
                 "--save", str(save), "--save-interval", "1", "--train-iters", iters, "--micro-batch-size", "2",
                 "--global-batch-size", "2", "--lr", "1e-3", "--skip-bad-samples", "--seq-length", "300"]

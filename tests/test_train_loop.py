@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mm_convert.formats.mm import TRACKER
-from train.finetune import main as finetune
-from train.toydata import make_caption_set
+from mm_train.finetune import main as finetune
+from mm_train.toydata import make_caption_set
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_trained_save_converts_back(setup, tmp_path):
     encoder unchanged, everything else trained); mm_to_hf reads it,
     transformers loads the result, and its logits equal the runtime's on the save; resplit reads it too."""
     from mm_convert import Qwen2_5_VLConverter
-    from train.check_logits import check_logits
+    from mm_train.check_logits import check_logits
     root, hf, data = setup
     run(data, root / "mm22", 3, "--save", tmp_path / "s", "--global-batch-size", 2, "--micro-batch-size", 1,
         "--lr", "1e-3", "--no-save-rng", nproc=4)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from train.batch import collate
-from train.check_grads import engine_loss_and_grads, hf_loss_and_grads
-from train.config import ModelConfig
-from train.data import encode, parse_sample
-from train.inputs import load_processors
+from mm_train.batch import collate
+from mm_train.check_grads import engine_loss_and_grads, hf_loss_and_grads
+from mm_train.config import ModelConfig
+from mm_train.data import encode, parse_sample
+from mm_train.inputs import load_processors
 from mm_convert.layout import ParallelLayout
 
 

@@ -159,7 +159,7 @@ def test_resplit_of_training_save_equals_hf_to_mm_and_keeps_iteration_and_args(s
 
 def test_runtime_loads_training_save(saves):
     """check_logits runs the bundled runtime (2 ranks x 2 stages) straight from the training save."""
-    from train.check_logits import check_logits
+    from mm_train.check_logits import check_logits
     hf, save = saves["tp2_pp2"]
     assert check_logits(save, hf, tolerance=1e-5, log=lambda s: None) <= 1e-5
 
@@ -230,9 +230,9 @@ def test_finetune_loads_training_save_weights_only(saves, tmp_path, capfd):
     """`finetune --load` of a Megatron save (4 ranks, tp2 x pp2): its weights are loaded, its optimizer /
     scheduler / RNG (another trainer's formats) are not; training starts at iteration 0 and saves iteration 1.
     (About 15 s: four gloo ranks start and take one step.)"""
-    from train.finetune import main as finetune
-    from train.saving import is_own_save
-    from train.toydata import make_caption_set
+    from mm_train.finetune import main as finetune
+    from mm_train.saving import is_own_save
+    from mm_train.toydata import make_caption_set
     hf, save = saves["tp2_pp2"]
     assert not is_own_save(load_torch_file(_shard(save)))
     data = make_caption_set(tmp_path / "data", 4, hf)

@@ -1,7 +1,7 @@
 """check_grads: one training step of the tp x pp engine against transformers on the same micro-batch.
 
 The parent computes transformers' loss and parameter gradients, starts the ranks (``python -m
-train.check_grads JOB.json``), which run forward + backward and write their gradients as an MM checkpoint
+mm_train.check_grads JOB.json``), which run forward + backward and write their gradients as an MM checkpoint
 (same shard keys as the weights). ``mm_to_hf`` then gathers and renames them exactly as it does weights, so
 every gradient is compared under its HF name.
 """
@@ -53,7 +53,7 @@ def engine_loss_and_grads(mm_dir, hf_dir, cfg: ModelConfig, layout: ParallelLayo
         job = {"mm_dir": str(mm_dir), "config": cfg.to_dict(), "layout": layout.to_dict(), "batch": f"{tmp}/batch.pt",
                "out": f"{tmp}/grads", "recompute": recompute}
         Path(tmp, "job.json").write_text(json.dumps(job))
-        launch_local("train.check_grads", [f"{tmp}/job.json"], layout.tp_size * layout.pp_size * len(batches),
+        launch_local("mm_train.check_grads", [f"{tmp}/job.json"], layout.tp_size * layout.pp_size * len(batches),
                      timeout=timeout)
         write_tracker(Path(job["out"]), "release")
         converter_for(read_hf_config(hf_dir)[0], progress=False).mm_to_hf(job["out"], f"{tmp}/hf", hf_dir=hf_dir)

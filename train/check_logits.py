@@ -1,7 +1,7 @@
 """check_logits: transformers on the HF checkpoint vs. the runtime on the MM checkpoint, on the same inputs.
 
 The parent builds the inputs (chat template, image patches), runs transformers, frees it, then starts the
-tp x pp runtime ranks locally (``python -m train.check_logits JOB.json``, torchrun-compatible) and compares
+tp x pp runtime ranks locally (``python -m mm_train.check_logits JOB.json``, torchrun-compatible) and compares
 the logits they write. ``run_local`` is the same machinery for other tasks (generation).
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def run_local(mm_dir, cfg: ModelConfig, layout: ParallelLayout, cases: dict, tas
                "inputs": str(Path(tmp, "inputs.pt")),
                "tasks": [{**t, "out": str(Path(tmp, f"task{i}.pt"))} for i, t in enumerate(tasks)]}
         Path(tmp, "job.json").write_text(json.dumps(job))
-        launch_local("train.check_logits", [str(Path(tmp, "job.json"))], layout.model_ranks,
+        launch_local("mm_train.check_logits", [str(Path(tmp, "job.json"))], layout.model_ranks,
                      timeout=timeout)
         return [torch.load(t["out"], weights_only=True) for t in job["tasks"]]
 
@@ -146,5 +146,5 @@ def run_tasks(job_path: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not os.path.exists(sys.argv[1]):
-        sys.exit("usage: python -m train.check_logits JOB.json  (a rank of run_local; use check_logits() instead)")
+        sys.exit("usage: python -m mm_train.check_logits JOB.json  (a rank of run_local; use check_logits() instead)")
     worker_main(run_tasks, sys.argv[1])

@@ -1,5 +1,5 @@
-"""Fine-tune a Qwen-VL model on MM shards: ``torchrun --nproc-per-node N -m train.finetune --data-config data.json
---load ckpt/mm_path/... --save out ...`` (or ``python -m train.finetune --nproc N ...`` to start the ranks here).
+"""Fine-tune a Qwen-VL model on MM shards: ``torchrun --nproc-per-node N -m mm_train.finetune --data-config data.json
+--load ckpt/mm_path/... --save out ...`` (or ``python -m mm_train.finetune --nproc N ...`` to start the ranks here).
 
 World = DP x TP x PP; TP and PP (and VPP) are read off the ``--load`` checkpoint, DP is what is left. Each
 iteration runs ``global_batch / (micro_batch * DP)`` micro-batches per DP rank (gradient accumulation), sums
@@ -274,21 +274,21 @@ def main(argv=None) -> None:
     if "RANK" not in os.environ:  # not under torchrun: start the ranks here (one by default)
         from .launch import launch_local
         argv = list(sys.argv[1:] if argv is None else argv)
-        launch_local("train.finetune", argv, args.nproc or 1, timeout=None, show_rank0=True)
+        launch_local("mm_train.finetune", argv, args.nproc or 1, timeout=None, show_rank0=True)
         return
     from .launch import worker_main
     worker_main(train, args)
 
 
 def cli(argv=None) -> None:
-    """``python -m train.finetune``: errors of the tool's own kinds (bad data, checkpoint, layout) are printed
+    """``python -m mm_train.finetune``: errors of the tool's own kinds (bad data, checkpoint, layout) are printed
     once (by rank 0 under torchrun), without a traceback, and exit 2."""
     try:
         main(argv)
     except MMConvertError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             for line in str(e).splitlines():
-                print(f"train.finetune: error: {line}", file=sys.stderr, flush=True)
+                print(f"mm_train.finetune: error: {line}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -1,7 +1,7 @@
 """Generate from an image and a prompt with an MM checkpoint, configured by an inference json.
 
-    torchrun --nproc-per-node 4 -m train.infer --config examples/qwen2.5vl/inference_qwen2_5_vl_7b.json
-    python -m train.infer --config ...   # without torchrun: starts the tp x pp ranks locally itself
+    torchrun --nproc-per-node 4 -m mm_train.infer --config examples/qwen2.5vl/inference_qwen2_5_vl_7b.json
+    python -m mm_train.infer --config ...   # without torchrun: starts the tp x pp ranks locally itself
 
 The json is MindSpeed-MM's inference format: ``image_encoder`` / ``text_decoder`` describe the model (with
 ``pipeline_num_layers`` giving the pipeline layout), ``tokenizer.from_pretrained`` the HF directory with the
@@ -22,7 +22,7 @@ from .config import ModelConfig, mm_pipeline_layers
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m train.infer", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mm_train.infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="inference json (examples/qwen2.5vl/inference_qwen2_5_vl_*.json)")
     p.add_argument("--load", help="MM checkpoint directory (json: load)")
     p.add_argument("--tp", type=int, help="tensor parallel size (json: tensor_model_parallel_size)")
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if "RANK" not in os.environ:  # not under torchrun: start the ranks here
         layout = settings(args)["layout"]
-        launch_local("train.infer", list(sys.argv[1:] if argv is None else argv), layout.model_ranks,
+        launch_local("mm_train.infer", list(sys.argv[1:] if argv is None else argv), layout.model_ranks,
                      show_rank0=True, timeout=None)
         return
     worker_main(run, args)

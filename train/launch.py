@@ -31,11 +31,9 @@ def launch_local(module: str, args: list[str], nprocs: int, *, timeout: float | 
                  env: dict | None = None, show_rank0: bool = False) -> None:
     """Run ``python -m module *args`` as ranks 0..nprocs-1 on 127.0.0.1 (gloo on CPU). Output goes to
     per-rank logs (shown on failure); ``show_rank0`` passes rank 0's stdout through instead."""
-    repo_root = str(Path(__file__).resolve().parent.parent)  # so that `train` imports without installing
     with tempfile.TemporaryDirectory(prefix="mm_runtime_") as tmp:
         base = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-                "WORLD_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs), ERROR_DIR_ENV: tmp,
-                "PYTHONPATH": os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH")) if p)}
+                "WORLD_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs), ERROR_DIR_ENV: tmp}
         base.setdefault("OMP_NUM_THREADS", "1")  # N ranks on few cores: avoid oversubscription
         procs, logs = [], []
         for r in range(nprocs):

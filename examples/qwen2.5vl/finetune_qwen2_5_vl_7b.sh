@@ -24,7 +24,7 @@ GBS=$(($MBS*$GRAD_ACC_STEP*$DP))
 mkdir -p logs
 logfile=logs/train_$(date +%Y%m%d_%H%M%S).log
 torchrun --nproc_per_node $NPUS_PER_NODE --nnodes $NNODES --node_rank $NODE_RANK \
-    --master_addr $MASTER_ADDR --master_port $MASTER_PORT -m train.finetune \
+    --master_addr $MASTER_ADDR --master_port $MASTER_PORT -m mm_train.finetune \
     --mm-data $MM_DATA --mm-model $MM_MODEL \
     --tensor-model-parallel-size $TP --pipeline-model-parallel-size $PP \
     --micro-batch-size $MBS --global-batch-size $GBS \

@@ -8,4 +8,4 @@ mm-convert Qwen2VLConverter hf_to_mm \
   --cfg.parallel_config.vit_pp_layers [32] \
   --cfg.parallel_config.tp_size 1
 # optional: mm-convert Qwen2VLConverter check_logits --cfg.mm_dir ckpt/mm_path/Qwen2-VL-2B-Instruct --cfg.hf_config.hf_dir ckpt/hf_path/Qwen2-VL-2B-Instruct
-# inference: python -m train.infer --config examples/qwen2vl/inference_qwen2vl_2b.json
+# inference: python -m mm_train.infer --config examples/qwen2vl/inference_qwen2vl_2b.json

@@ -9,4 +9,4 @@ mm-convert Qwen3VLMegatronConverter hf_to_mm \
   --cfg.parallel_config.tp_size 4 \
   --cfg.parallel_config.ep_size 4
 # optional: mm-convert Qwen3VLMegatronConverter check_logits --cfg.mm_dir ckpt/mm_path/Qwen3-VL-235B-A22B-Instruct --cfg.hf_config.hf_dir ckpt/hf_path/Qwen3-VL-235B-A22B-Instruct
-# inference: python -m train.infer --config examples/qwen3vl/inference_qwen3vl_235b_a22b.json
+# inference: python -m mm_train.infer --config examples/qwen3vl/inference_qwen3vl_235b_a22b.json

@@ -8,4 +8,4 @@ mm-convert Qwen3VLMegatronConverter hf_to_mm \
   --cfg.parallel_config.vit_pp_layers [24] \
   --cfg.parallel_config.tp_size 1
 # optional: mm-convert Qwen3VLMegatronConverter check_logits --cfg.mm_dir ckpt/mm_path/Qwen3-VL-2B-Instruct --cfg.hf_config.hf_dir ckpt/hf_path/Qwen3-VL-2B-Instruct
-# inference: python -m train.infer --config examples/qwen3vl/inference_qwen3vl_2b.json
+# inference: python -m mm_train.infer --config examples/qwen3vl/inference_qwen3vl_2b.json
