@@ -170,6 +170,43 @@ def _(e):
     return e.hf_to_mm()
 
 
+def _rewrite_header(f: Path, fn, tail: bytes = b"") -> None:
+    """Rewrite a safetensors file's JSON header through ``fn`` (data bytes kept), optionally with bytes appended."""
+    import struct
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    fn(header)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    f.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:] + tail)
+
+
+@case("safetensors_header_wrong_size", "a header entry whose byte span does not fit its dtype x shape",
+      "but F32 x [64] needs 256")
+def _(e):
+    def shrink(h):
+        h["model.norm.weight"]["data_offsets"][1] -= 4
+    _rewrite_header(e.hf() / "model.safetensors", shrink)
+    return e.hf_to_mm()
+
+
+@case("safetensors_header_overlap", "two header entries sharing bytes (the next one moved back)", "an overlap")
+def _(e):
+    def overlap(h):
+        spans = sorted((v["data_offsets"][0], k) for k, v in h.items() if k != "__metadata__")
+        key = spans[1][1]
+        h[key]["data_offsets"] = [o - 4 for o in h[key]["data_offsets"]]
+    _rewrite_header(e.hf() / "model.safetensors", overlap)
+    return e.hf_to_mm()
+
+
+@case("safetensors_trailing_bytes", "bytes after the last tensor the header describes", "bytes after the last tensor")
+def _(e):
+    _rewrite_header(e.hf() / "model.safetensors", lambda h: None, tail=b"\0" * 16)
+    return e.hf_to_mm()
+
+
 @case("corrupt_safetensors_header", "safetensors header overwritten with garbage", "not a readable safetensors file")
 def _(e):
     f = e.hf() / "model.safetensors"

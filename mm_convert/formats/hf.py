@@ -109,7 +109,7 @@ class HFReader:
         if h is None:
             try:  # size first, so that a cut-short file is reported as truncated
                 layout = _check_data_size(self.root / fname)
-            except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError):
                 layout = None  # a malformed header: safe_open says what is wrong with it
             try:
                 h = safe_open(str(self.root / fname), framework="pt")
@@ -167,17 +167,43 @@ class HFReader:
 
 
 def _check_data_size(path: Path) -> tuple[int, dict]:
-    """Catch truncated files up front: the header's last data offset must match the file size."""
+    """The header, fully validated before any tensor is read: a known dtype and a shape per tensor, data
+    offsets holding exactly dtype x shape bytes, tensors tiling the data buffer with no gap and no overlap, and
+    the file exactly as long as the header says (a cut-short file is reported as truncated)."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: truncated (no safetensors header)")
         n = struct.unpack("<Q", head)[0]
         header = json.loads(f.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise ValueError("header is not an object")
+    spans = []
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        dtype, shape, offsets = v.get("dtype"), v.get("shape"), v.get("data_offsets")
+        if dtype not in ST_DTYPES or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) \
+                or not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CheckpointError(f"{path}: header entry of {key} is malformed (dtype {dtype!r}, shape {shape!r}, "
+                                  f"data_offsets {offsets!r})")
+        need = _numel(shape) * ST_DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != need:
+            raise CheckpointError(f"{path}: header says {key} spans bytes {offsets[0]}-{offsets[1]} ({offsets[1] - offsets[0]}), "
+                                  f"but {dtype} x {shape} needs {need}")
+        spans.append((offsets[0], offsets[1], key))
+    at = 0
+    for lo, hi, key in sorted(spans):
+        if lo != at:
+            raise CheckpointError(f"{path}: header places {key} at byte {lo} of the data, expected {at} "
+                                  f"({'a gap' if lo > at else 'an overlap with the tensor before'})")
+        at = hi
     size = path.stat().st_size
-    if size < 8 + n + end:
-        raise CheckpointError(f"{path}: truncated ({size} bytes, header needs {8 + n + end})")
+    if size < 8 + n + at:
+        raise CheckpointError(f"{path}: truncated ({size} bytes, header needs {8 + n + at})")
+    if size > 8 + n + at:
+        raise CheckpointError(f"{path}: {size - 8 - n - at} bytes after the last tensor the header describes "
+                              f"(expected {8 + n + at} bytes)")
     return 8 + n, header
 
 
