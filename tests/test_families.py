@@ -207,3 +207,34 @@ def test_published_configs_read_and_plan(fam, size):
     layout = ParallelLayout.create(2, [cfg.text.num_layers], [cfg.vision.depth], ep_size=ep)
     files = model.plan(layout, {n: None for n in model.shapes})
     assert len(files) == 2 * ep
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 16 << 10], ids=["1MiB-blocks", "16KiB-blocks"])
+def test_expert_fast_path_round_trip_on_larger_experts(tmp_path, monkeypatch, chunk):
+    """Experts large enough for the executor's slab + blocked-transpose path (hidden 256, moe_intermediate 160:
+    [256, 320] per expert's gate_up), and with 16 KiB blocks the split of whole-expert rows of the 3-D HF tensor
+    into smaller blocks: a synthetic hub-layout checkpoint through hf_to_mm (tp2 ep2) and back is bit-exact,
+    and the MM experts equal the transposed HF slices."""
+    import json
+
+    import mm_convert.execute as execute
+    from mm_convert.synthetic import write_synthetic_checkpoint
+    from mm_convert.testing import tiny_config_dict
+
+    monkeypatch.setattr(execute, "CHUNK_BYTES", chunk)
+    cfg = tiny_config_dict("Qwen3-VL", "moe")
+    cfg["text_config"].update(hidden_size=256, moe_intermediate_size=160, intermediate_size=192, num_hidden_layers=2,
+                              mlp_only_layers=[])
+    cfg["vision_config"].update(out_hidden_size=256, depth=1, deepstack_visual_indexes=[0])
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    hf = write_synthetic_checkpoint(tmp_path / "cfg.json", tmp_path / "hf", max_shard_size=2 * 10**6)
+    conv = CONVERTERS["Qwen3VLMegatronConverter"](progress=False, workers=2)
+    conv.hf_to_mm(hf, tmp_path / "mm", tp_size=2, ep_size=2, llm_pp_layers=[2], vit_pp_layers=[1])
+    src = load_hf_tensors(hf)
+    shard = load_mm_shards(tmp_path / "mm")["mp_rank_01_001/model_optim_rng.pt"]["model"]
+    gate_up = src["model.language_model.layers.1.mlp.experts.gate_up_proj"]  # [8, 256, 320]
+    e, half = 4 + 3, 80  # EP rank 1's local expert 3; TP rank 1's halves of gate and up
+    want = torch.cat([gate_up[e, :, half:160].T, gate_up[e, :, 160 + half:].T])
+    assert torch.equal(shard["text_decoder.decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"], want)
+    conv.mm_to_hf(tmp_path / "mm", tmp_path / "back", hf_dir=hf)
+    assert_same_tensors(src, load_hf_tensors(tmp_path / "back"))
