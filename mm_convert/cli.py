@@ -96,6 +96,13 @@ def _common(f):
     return f
 
 
+def _no_verify_source(f):
+    return click.option("--no-verify-source", "no_verify_source", is_flag=True,
+                        help="skip the source check: by default the CRC-32 of every byte read from an MM shard is "
+                             "compared with the one torch's zip format stores with it (a few percent of CPU, no "
+                             "extra reads), and a mismatch stops the command before anything is renamed into place")(f)
+
+
 def _resume(f):
     return click.option("--resume", is_flag=True,
                         help="continue an interrupted run: finished files whose size and sha256 match its journal "
@@ -225,17 +232,19 @@ def _make_group(name: str, cls) -> click.Group:
           help="largest safetensors file (e.g. 5GB, 500MB, 2GiB)")
     @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
     @_resume
+    @_no_verify_source
     @_workers
     @_common
     @click.pass_context
     def mm_to_hf(ctx, mm_dir, save_hf_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, ep_size,
-                 max_shard_size, overwrite, resume, quiet, debug):
+                 max_shard_size, overwrite, resume, no_verify_source, quiet, debug):
         """Convert MM shards back to HF safetensors (sharded, with an index), keeping dtypes and the key scheme.
 
         The layout is read off the shards; --cfg.parallel_config.* values, if given, are checked against it."""
         conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
         r = _run(ctx, lambda: conv.mm_to_hf(mm_dir, save_hf_dir, hf_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
                                             ep_size=ep_size, max_shard_size=max_shard_size, overwrite=overwrite,
+                                            verify_source=not no_verify_source,
                                             resume=resume))
         _print_result(r, quiet)
 
@@ -247,18 +256,19 @@ def _make_group(name: str, cls) -> click.Group:
     @_layout_options("target_parallel_config", "", True)
     @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
     @_resume
+    @_no_verify_source
     @_workers
     @_common
     @click.pass_context
     def resplit(ctx, source_dir, target_dir, hf_dir, source_tp_size, source_vit_tp_size, source_llm_pp_layers,
                 source_vit_pp_layers, source_ep_size, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, ep_size, overwrite,
-                resume, quiet, debug):
+                resume, no_verify_source, quiet, debug):
         """Reshard MM shards to another TP / PP / virtual-pipeline layout directly, without HF files in between.
 
         The source layout is read off its shards (--cfg.source_parallel_config.* values are checked against it)."""
         conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
         r = _run(ctx, lambda: conv.resplit(source_dir, target_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                           ep_size=ep_size, source_ep_size=source_ep_size,
+                                           ep_size=ep_size, source_ep_size=source_ep_size, verify_source=not no_verify_source,
                                            source_tp_size=source_tp_size, source_llm_pp_layers=source_llm_pp_layers,
                                            source_vit_pp_layers=source_vit_pp_layers, source_vit_tp_size=source_vit_tp_size,
                                            hf_dir=hf_dir, overwrite=overwrite, resume=resume))

@@ -19,7 +19,9 @@ from types import ModuleType
 
 from . import __version__
 from .errors import CheckpointError, ConfigError, LayoutError, MMConvertError
+from . import integrity
 from .execute import Loc, Ranks, Sources, default_workers, matches, run_files
+from .integrity import ReadLog
 from .formats import dcp as dcp_format
 from .formats import dist
 from .formats import hf as hf_format
@@ -254,7 +256,7 @@ class Converter:
 
     def mm_to_hf(self, mm_dir, save_hf_dir, hf_dir=None, tp_size=None, llm_pp_layers=None, vit_pp_layers=None,
                  vit_tp_size=None, *, ep_size=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-                 dry_run: bool = False, resume: bool = False) -> Result:
+                 dry_run: bool = False, resume: bool = False, verify_source: bool = True) -> Result:
         """Convert an MM checkpoint back to HF safetensors. The layout is read off the shards (given values
         are checked against them). ``hf_dir``: the original HF directory, for config, tokenizer and processor
         files; its weights, where present, decide the key scheme and expert layout written."""
@@ -278,7 +280,7 @@ class Converter:
         result = Result("mm_to_hf", str(save_hf_dir), layout.describe(), files)
         if dry_run:
             return result
-        return self._write_hf(result, save_hf_dir, layout, Sources(mm=reader), mm_dir, hf_dir, cfg, {
+        return self._write_hf(result, save_hf_dir, layout, mm_sources(reader, verify_source), mm_dir, hf_dir, cfg, {
             "hf_config": cfg, "hf_key_scheme": scheme, "hf_expert_layout": model.expert_layout,
             "source": str(Path(mm_dir).absolute()), "source_identity": _mm_identity(mm_dir, reader)}, overwrite, resume)
 
@@ -309,7 +311,8 @@ class Converter:
     def resplit(self, source_dir, target_dir, tp_size: int = 1, llm_pp_layers=None, vit_pp_layers=None,
                 vit_tp_size: int = 0, *, ep_size: int = 1, source_tp_size=None, source_llm_pp_layers=None,
                 source_vit_pp_layers=None, source_vit_tp_size=None, source_ep_size=None, hf_dir=None,
-                overwrite: bool = False, dry_run: bool = False, resume: bool = False) -> Result:
+                overwrite: bool = False, dry_run: bool = False, resume: bool = False,
+                verify_source: bool = True) -> Result:
         """Reshard an MM checkpoint to another TP / PP / VPP / EP layout directly (no HF files in between)."""
         given = dict(tp_size=source_tp_size, llm_pp_layers=source_llm_pp_layers, vit_pp_layers=source_vit_pp_layers,
                      vit_tp_size=source_vit_tp_size, ep_size=source_ep_size)
@@ -331,7 +334,8 @@ class Converter:
         if saved:
             result.notes.append("kept from the training save: " + ", ".join(
                 f"iteration {saved['iteration']}" if k == "iteration" else k for k in saved))
-        return self._write_mm(result, target_dir, layout, Sources(mm=reader), [source_dir] + ([hf_dir] if hf_dir else []),
+        return self._write_mm(result, target_dir, layout, mm_sources(reader, verify_source),
+                              [source_dir] + ([hf_dir] if hf_dir else []),
                               overwrite, manifest, resume, saved)
 
     # ---- MindSpeed-MM's FSDP2 path: torch.distributed.checkpoint directories ---------------------------------
@@ -548,6 +552,8 @@ class Converter:
         with Progress(sum(f.nbytes for f in mine), what, self.progress) as bar:
             try:
                 total = run_files(mine, root, writer, sources, bar.advance, self.workers or default_workers())
+                if sources.log is not None:  # before anything is renamed into place
+                    integrity.check(sources.log)
             except BaseException as e:
                 if not ranks.active:
                     raise
@@ -563,6 +569,13 @@ class Converter:
         if ranks.rank != 0:
             raise _RankDone()
         return total
+
+
+def mm_sources(reader, verify: bool) -> Sources:
+    """Sources over an MM checkpoint; with ``verify``, the CRC-32 of every byte read from its shards (torch zip
+    records) is checked against the one stored with the record before the output is renamed into place."""
+    zipped = not reader.layout_free
+    return Sources(mm=reader, log=ReadLog() if verify and zipped else None)
 
 
 class _RankDone(Exception):

@@ -35,6 +35,7 @@ from .errors import CheckpointError, MMConvertError, Terminated
 from .formats import hf as hf_format
 from .formats import mm as mm_format
 from .formats.torch_stream import StreamedTensor, crc32
+from .integrity import ReadLog
 from .plan import HF, OutputFile, Piece, Ref, TargetTensor, to_src
 
 CHUNK_BYTES = int(os.environ.get("MM_CONVERT_CHUNK_BYTES", 1 << 20))
@@ -60,8 +61,10 @@ class Loc:
 class Sources:
     """Resolves a Ref to a reader: the HF checkpoint or the shards of an MM checkpoint."""
 
-    def __init__(self, hf: hf_format.HFReader | None = None, mm: mm_format.MMReader | None = None):
-        self.hf, self.mm = hf, mm
+    def __init__(self, hf: hf_format.HFReader | None = None, mm: mm_format.MMReader | None = None,
+                 log: ReadLog | None = None):
+        """``log``: where the CRC-32 of every byte range read from a shard goes (integrity.py checks them)."""
+        self.hf, self.mm, self.log = hf, mm, log
 
     def meta(self, ref: Ref) -> tuple[torch.dtype, tuple[int, ...]]:
         return self.hf.meta(ref.key) if ref.file == HF else self.mm.meta(ref)
@@ -204,7 +207,15 @@ class _Blocks:
             fd = self._fd(loc.path)
             os.posix_fadvise(fd, loc.offset + s0 * srow, n, os.POSIX_FADV_WILLNEED)
 
-    def _pread(self, path: str, offset: int, out: np.ndarray, drop: bool = False) -> None:
+    def _pread(self, path: str, offset: int, out: np.ndarray, drop: bool = False, tensor: str | None = None) -> None:
+        """Read ``out`` from ``path`` at ``offset``; with ``tensor`` (the source tensor's name) and a read log, the
+        range's CRC-32 goes into the log for the source-integrity check."""
+        self._read_into(path, offset, out, drop)
+        log = getattr(self.sources, "log", None)
+        if tensor is not None and log is not None:
+            log.add(path, offset, memoryview(out).cast("B"), tensor)
+
+    def _read_into(self, path: str, offset: int, out: np.ndarray, drop: bool = False) -> None:
         fd = self._fd(path)
         mv = memoryview(out).cast("B")
         ranges = self.ahead.setdefault(fd, [])  # a few interleaved streams per file (q, k, v rows...)
@@ -276,7 +287,8 @@ class _Blocks:
                 continue
             if _row_contiguous(p, loc, t):
                 srow = prod(_dims(loc.shape)[1:]) * isz
-                self._pread(loc.path, loc.offset + s0 * srow, out[(a - r0) * trow:(b - r0) * trow], p in self.sole)
+                self._pread(loc.path, loc.offset + s0 * srow, out[(a - r0) * trow:(b - r0) * trow], p in self.sole,
+                            p.src.key)
                 continue
             if loc is not None:  # read whole source rows, then gather the piece's columns
                 src_shape = _dims(loc.shape)
@@ -284,7 +296,7 @@ class _Blocks:
                 if self.scratch.nbytes < need:
                     self.scratch = np.empty(need, np.uint8)
                 buf = self.scratch[:need]
-                self._pread(loc.path, loc.offset + s0 * prod(src_shape[1:]) * isz, buf)
+                self._pread(loc.path, loc.offset + s0 * prod(src_shape[1:]) * isz, buf, tensor=p.src.key)
                 src = buf.view(_RAW[isz]).reshape((n,) + src_shape[1:])
                 src = src[(slice(None),) + tuple(slice(s, s + k) for s, k in zip(pss[1:], ps[1:]))]
             else:  # no byte location: read the box through the reader (still one row block at a time)
@@ -324,7 +336,7 @@ class _Blocks:
         drop = p in self.sole and rows <= step  # read once: later blocks find the rows in the slab
         for k0 in range(0, rows, step):
             k1 = min(rows, k0 + step)
-            src = self._slab(loc.path, loc.offset + (first + k0) * row, (k1 - k0) * row, drop)
+            src = self._slab(loc.path, loc.offset + (first + k0) * row, (k1 - k0) * row, drop, p.src.key)
             src = src.view(_RAW[isz]).reshape(k1 - k0, full[-1])[:, c0:c0 + cols]
             if p.transpose:
                 self._transpose_into(tgt[:, k0:k1], src, isz)
@@ -332,7 +344,7 @@ class _Blocks:
                 np.copyto(tgt[k0:k1], src)
         return True
 
-    def _slab(self, path: str, offset: int, n: int, drop: bool) -> np.ndarray:
+    def _slab(self, path: str, offset: int, n: int, drop: bool, tensor: str | None = None) -> np.ndarray:
         """Source bytes [offset, offset + n) of ``path``: from a slab that holds them (HF -> MM, the blocks of an
         expert's fc1, gate and up alike, read the same rows; MM -> HF, each block reads the pieces of every TP
         rank in turn), else read into a new one. Slabs not used by this block or the one before go (their
@@ -350,7 +362,7 @@ class _Blocks:
                 self.slabs.sort(key=lambda s: s[4])
                 held -= self.slabs.pop(0)[3].nbytes
             buf = np.empty(n, np.uint8)
-        self._pread(path, offset, buf[:n], drop)
+        self._pread(path, offset, buf[:n], drop, tensor)
         self.slabs.append([path, offset, offset + n, buf, self.block])
         return buf[:n]
 
@@ -556,7 +568,9 @@ def run_files(files: list[OutputFile], root: Path, writer, sources: Sources, on_
                     p.join()
                     pending.remove((p, rx))
                     if status == "ok":
-                        total += value
+                        total += value[0]
+                        if sources.log is not None and value[1] is not None:
+                            sources.log.merge(value[1])
                     elif error is None:
                         error = value
                 elif not p.is_alive() and not rx.poll(0):
@@ -623,7 +637,7 @@ def _worker(files, root, writer, sources, done, k, tx, parent: int) -> None:
         done[k] += n
     try:
         total = sum(write_file(f, root, writer, sources, advance) for f in files)
-        tx.send(("ok", total))
+        tx.send(("ok", (total, sources.log)))  # the ranges this worker read, for the parent's integrity check
     except BaseException as e:
         try:
             tx.send(("error", e))

@@ -377,6 +377,42 @@ def _(e):
     return e.mm_to_hf()
 
 
+def _flip_tensor_byte(shard: Path) -> None:
+    """One byte flipped inside the largest tensor storage record of a torch zip shard (its size unchanged). On
+    the pipeline's last stage that is the TP-split output layer, which every conversion reads from each rank (a
+    replicated tensor, like stage 0's patch embedding, is read from TP rank 0 only: a flip in another rank's copy
+    is not passed on, and verify's manifest check is what finds it)."""
+    from mm_convert.integrity import zip_records
+    rec = max((r for r in zip_records(str(shard)) if "/data/" in r.name), key=lambda r: r.size)
+    with open(shard, "r+b") as fh:
+        fh.seek(rec.start + 5)
+        b = fh.read(1)
+        fh.seek(rec.start + 5)
+        fh.write(bytes([b[0] ^ 0x40]))
+
+
+@case("mm_flipped_byte", "one byte flipped in a tensor's data of a shard that has a manifest (sizes match)",
+      "fails its CRC-32 check")
+def _(e):
+    _flip_tensor_byte(_shard(e.mm(), "mp_rank_00_001"))
+    return e.mm_to_hf()
+
+
+@case("mm_flipped_byte_no_manifest", "the same in a checkpoint without a manifest (as Megatron writes them)",
+      "fails its CRC-32 check")
+def _(e):
+    (e.mm() / "mm_convert_manifest.json").unlink()
+    _flip_tensor_byte(_shard(e.mm(), "mp_rank_01_001"))
+    return e.mm_to_hf(extra=["--cfg.hf_config.hf_dir", e.hf()])
+
+
+@case("resplit_flipped_byte", "resplit of a shard with one byte flipped in a tensor's data", "fails its CRC-32 check")
+def _(e):
+    _flip_tensor_byte(_shard(e.mm(), "mp_rank_01_001"))
+    return [CONV, "resplit", "--cfg.source_dir", e.mm(), "--cfg.target_dir", e.out, "--cfg.target_parallel_config.tp_size",
+            "1", "--cfg.target_parallel_config.llm_pp_layers", "[4]", "--cfg.target_parallel_config.vit_pp_layers", "[4]", "-q"]
+
+
 @case("layout_mismatch", "--cfg.parallel_config.tp_size 1 given for a tp2 checkpoint", "does not match the shards")
 def _(e):
     return e.mm_to_hf(extra=["--cfg.parallel_config.tp_size", "1"])

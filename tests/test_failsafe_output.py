@@ -269,3 +269,20 @@ def test_verify_streams_tensors_block_by_block(made, tmp_path, monkeypatch):
     torch.save(sd, path)
     rep = conv.verify(hf, mm)
     assert rep.mismatched == [f"mp_rank_00_000/model_optim_rng.pt:model.{key}"] and not rep.ok and built == []
+
+
+def test_no_verify_source_passes_a_flipped_byte_through(tiny_hf, conv, tmp_path):
+    """--no-verify-source / verify_source=False is the opt-out: the same corrupt shard then converts (the
+    corruption reaches the output), which is why the check is on by default."""
+    from test_failsafe import _flip_tensor_byte
+
+    from mm_convert.errors import CheckpointError
+
+    mm = tmp_path / "mm"
+    conv.hf_to_mm(tiny_hf(), mm, tp_size=2, llm_pp_layers=[1, 3], vit_pp_layers=[4, 0])
+    _flip_tensor_byte(mm / "release" / "mp_rank_00_001" / "model_optim_rng.pt")
+    with pytest.raises(CheckpointError, match="fails its CRC-32 check"):
+        conv.mm_to_hf(mm, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    conv.mm_to_hf(mm, tmp_path / "b", verify_source=False)
+    assert conv.verify(None, mm).manifest_error  # the manifest's sha256 names the file
