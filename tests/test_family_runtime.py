@@ -17,6 +17,7 @@ from mm_train.check_grads import engine_loss_and_grads, hf_loss_and_grads
 from mm_train.check_logits import check_logits, default_image, reference_class, run_local
 from mm_train.config import ModelConfig
 from mm_train.inputs import build_inputs, hf_kwargs, load_processors
+from test_runtime import reweight  # noqa: E402  (centred biases, larger matrices)
 
 MODELS = {"qwen2vl": ("Qwen2-VL", "", False), "qwen3vl-tied": ("Qwen3-VL", "", True), "qwen3moe": ("Qwen3-VL", "moe", False)}
 LAYOUTS = {  # (tp, pp, ep) -> (llm_pp_layers, vit_pp_layers)
@@ -27,18 +28,15 @@ LOGIT_CASES = [("qwen2vl", k) for k in list(LAYOUTS)[:4]] + [("qwen3vl-tied", (1
     + [("qwen3moe", k) for k in LAYOUTS]
 
 
-def reweight(hf_dir: Path, bias_scale: float, matrix_scale: float) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    path = hf_dir / "model.safetensors"
-    sd = load_file(path)
-    for k, v in sd.items():
-        if v.dim() >= 2:
-            sd[k] = v * matrix_scale
-        elif k.endswith(".bias"):
-            sd[k] = (v - 1) * bias_scale
-    save_file(sd, path, metadata={"format": "pt"})
-    return hf_dir
+def assert_step_equal(loss, got: dict, ref_loss, ref: dict) -> None:
+    """Loss, the engine's global grad norm and every gradient within 1e-5 of transformers'."""
+    assert abs(loss - ref_loss) <= 1e-5, (loss, ref_loss)
+    norm = got.pop("<grad_norm>").item()
+    ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref.values())).item()
+    assert abs(norm - ref_norm) <= 1e-5 * ref_norm, (norm, ref_norm)
+    assert set(ref) == set(got)
+    bad = {n: (got[n] - g).abs().max().item() for n, g in ref.items() if (got[n] - g).abs().max() > 1e-5}
+    assert not bad, bad
 
 
 @pytest.fixture(scope="module")
@@ -147,13 +145,7 @@ def test_training_step_equals_transformers(model, key, hf, mm, tmp_path):
     llm, vit = LAYOUTS[key]
     ref_loss, ref = hf_loss_and_grads(path, batch)
     loss, got = engine_loss_and_grads(mm(model, key, "grads"), path, cfg, ParallelLayout.create(tp, llm, vit), batch)
-    assert abs(loss - ref_loss) <= 1e-5, (loss, ref_loss)
-    norm = got.pop("<grad_norm>").item()
-    ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref.values())).item()
-    assert abs(norm - ref_norm) <= 1e-5 * ref_norm, (norm, ref_norm)
-    assert set(ref) == set(got)
-    bad = {n: (got[n] - g).abs().max().item() for n, g in ref.items() if (got[n] - g).abs().max() > 1e-5}
-    assert not bad, bad
+    assert_step_equal(loss, got, ref_loss, ref)
 
 
 @pytest.mark.parametrize("key", [(1, 1, 2), (2, 2, 2)], ids=["tp1-ep2", "tp2-pp2-ep2"])
@@ -180,10 +172,4 @@ def test_training_step_with_expert_parallelism(key, hf, tmp_path):
     ref_loss, ref = hf_loss_and_grads(path, batch)
     loss, got = engine_loss_and_grads(tmp_path / "mm", path, cfg, ParallelLayout.create(tp, llm, vit, ep_size=ep),
                                       batch, dp_batches=per_rank)
-    assert abs(loss - ref_loss) <= 1e-5, (loss, ref_loss)
-    norm = got.pop("<grad_norm>").item()
-    ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref.values())).item()
-    assert abs(norm - ref_norm) <= 1e-5 * ref_norm, (norm, ref_norm)
-    assert set(ref) == set(got)
-    bad = {n: (got[n] - g).abs().max().item() for n, g in ref.items() if (got[n] - g).abs().max() > 1e-5}
-    assert not bad, bad
+    assert_step_equal(loss, got, ref_loss, ref)
