@@ -354,15 +354,7 @@ def hf_files_plan(inverse: dict[str, list[Piece]], shapes: dict, dtype_of: Calla
         tensors.append(TargetTensor(rename(name), tuple(shape), kinds.pop(), pieces))
 
     def cut(limit: int) -> list[list[TargetTensor]]:
-        groups: list[list[TargetTensor]] = [[]]
-        size = 0
-        for t in tensors:
-            if groups[-1] and size + t.nbytes > limit:
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += t.nbytes
-        return groups
+        return greedy_cut(tensors, limit)
 
     n = len(cut(max_shard_bytes))
     lo, hi = max([t.nbytes for t in tensors] + [-(-sum(t.nbytes for t in tensors) // n)]), max_shard_bytes
@@ -373,6 +365,19 @@ def hf_files_plan(inverse: dict[str, list[Piece]], shapes: dict, dtype_of: Calla
     n = len(groups)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     return [OutputFile(fname, {"": g}) for fname, g in zip(names, groups)]
+
+
+def greedy_cut(tensors: list[TargetTensor], limit: int) -> list[list[TargetTensor]]:
+    """Tensors in order, cut into groups of at most ``limit`` bytes (a larger tensor gets a group of its own)."""
+    groups: list[list[TargetTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    return groups
 
 
 def check_coverage(files: list[OutputFile]) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..plan import OutputFile, Ref, TargetTensor, shard_path
+from ..plan import OutputFile, Ref, TargetTensor, greedy_cut, shard_path
 from . import safe_pickle
 from ..manifest import open_output
 from .torch_stream import _STORAGE_NAMES, StreamedTensor, TensorSpec, _write_archive, _ZipWriter
@@ -521,14 +521,7 @@ def record_files(tensors: list[TargetTensor], slot: str, limit: int, first_info:
     """Planned tensors as DCP record files ``__K_0.distcp`` of at most ``limit`` bytes each (a tensor larger
     than the limit gets a file of its own), in order; the cut depends on the tensors only, so the output does
     not depend on the number of writer processes. ``first_info``: the first file's ``info``."""
-    groups: list[list[TargetTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if groups[-1] and size + t.nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
+    groups = greedy_cut(tensors, limit)
     return [OutputFile(f"__{k}_0.distcp", {slot: ts}, dict(first_info or {}) if k == 0 else {})
             for k, ts in enumerate(groups)]
 

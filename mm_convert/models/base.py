@@ -344,3 +344,41 @@ def layer_rules(module: str, mm_prefix: str, hf_prefix: str, table) -> list[Rule
 def vit_block_shapes(v: VisionConfig, names: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """The HF tensors of every vision block, from one block's (suffix -> shape)."""
     return {HF_VIT.format(i=n) + k: shape for n in range(v.depth) for k, shape in names.items()}
+
+
+# ---- what the vision towers of the line share ---------------------------------------------------------------------
+def vision_fields(vis: dict, text: dict, source: str, patch_size: int) -> dict:
+    """VisionConfig fields every family reads the same way (``patch_size``: the family's default)."""
+    return dict(depth=need(vis, "depth", "vision_config.", source), num_heads=need(vis, "num_heads", "vision_config.", source),
+                in_channels=vis.get("in_channels", vis.get("in_chans", 3)), patch_size=vis.get("patch_size", patch_size),
+                temporal_patch_size=vis.get("temporal_patch_size", 2), spatial_merge_size=vis.get("spatial_merge_size", 2),
+                rope_theta=(vis.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+
+
+def model_config(family: str, cfg: dict, vision: VisionConfig, text: TextConfig, source: str) -> ModelConfig:
+    out = ModelConfig(vision, text, family=family, dtype=dtype_of(cfg), **token_ids(cfg))
+    check_heads(out, source)
+    return out
+
+
+def vit_attention_rows(heads: int, norm_bias: bool) -> list[tuple]:
+    """Rule rows (mm suffix, hf suffixes, tp, fuse) of a vision block's norms and attention, in shard order: qkv is
+    per head [q_h; k_h; v_h] in MM (whole heads per TP rank), HF's fused [q; k; v] reordered."""
+    qkv_heads = ("qkv_heads", heads)
+    norm = lambda mm, hf: [(f"{mm}.weight", (f"{hf}.weight",), "replicate", ("concat",))] + (  # noqa: E731
+        [(f"{mm}.bias", (f"{hf}.bias",), "replicate", ("concat",))] if norm_bias else [])
+    return norm("input_layernorm", "norm1") + [
+        ("self_attention.linear_proj.weight", ("attn.proj.weight",), "split_dim1", ("concat",)),
+        ("self_attention.linear_proj.bias", ("attn.proj.bias",), "replicate", ("concat",)),
+        ("self_attention.linear_qkv.weight", ("attn.qkv.weight",), "split_dim0", qkv_heads),
+        ("self_attention.linear_qkv.bias", ("attn.qkv.bias",), "split_dim0", qkv_heads),
+    ] + norm("pre_mlp_layernorm", "norm2")
+
+
+def vit_attention_shapes(v: VisionConfig, norm_bias: bool) -> dict[str, tuple[int, ...]]:
+    vh = v.hidden_size
+    s = {"norm1.weight": (vh,), "norm2.weight": (vh,), "attn.qkv.weight": (3 * vh, vh), "attn.qkv.bias": (3 * vh,),
+         "attn.proj.weight": (vh, vh), "attn.proj.bias": (vh,)}
+    if norm_bias:
+        s.update({"norm1.bias": (vh,), "norm2.bias": (vh,)})
+    return s

@@ -28,18 +28,12 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
     text, vis = base.text_section(cfg), base.vision_section(cfg, source, NAME)
     need = lambda key: base.need(vis, key, "vision_config.", source)  # noqa: E731
     vision = VisionConfig(
-        depth=need("depth"), hidden_size=need("hidden_size"), intermediate_size=need("intermediate_size"),
-        num_heads=need("num_heads"), out_hidden_size=vis.get("out_hidden_size", text.get("hidden_size")),
-        in_channels=vis.get("in_channels", vis.get("in_chans", 3)), patch_size=vis.get("patch_size", 14),
-        temporal_patch_size=vis.get("temporal_patch_size", 2), spatial_merge_size=vis.get("spatial_merge_size", 2),
+        **base.vision_fields(vis, text, source, 14), hidden_size=need("hidden_size"),
+        intermediate_size=need("intermediate_size"), out_hidden_size=vis.get("out_hidden_size", text.get("hidden_size")),
         window_size=vis.get("window_size", 112), fullatt_block_indexes=tuple(vis.get("fullatt_block_indexes", ())),
-        tokens_per_second=vis.get("tokens_per_second", 2),
-        rope_theta=(vis.get("rope_parameters") or {}).get("rope_theta", 10000.0),
-        norm="rms", mlp="glu", act="silu", merger_norm="rms")
+        tokens_per_second=vis.get("tokens_per_second", 2), norm="rms", mlp="glu", act="silu", merger_norm="rms")
     t = base.text_config_from_hf(text, source, tie_word_embeddings=base.tied_flag(cfg), qkv_bias=True)
-    out = ModelConfig(vision, t, family=NAME, dtype=base.dtype_of(cfg), **base.token_ids(cfg))
-    base.check_heads(out, source)
-    return out
+    return base.model_config(NAME, cfg, vision, t, source)
 
 
 def tp_divisible(cfg: ModelConfig) -> list[tuple[str, str, int]]:
@@ -56,8 +50,7 @@ def hf_shapes(cfg: ModelConfig, expert_layout: str = "hub") -> dict[str, tuple[i
     vh, f, merged = v.hidden_size, v.intermediate_size, v.merged_size
     s = {"visual.patch_embed.proj.weight": (vh, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)}
     s.update(base.vit_block_shapes(v, {
-        "norm1.weight": (vh,), "norm2.weight": (vh,), "attn.qkv.weight": (3 * vh, vh), "attn.qkv.bias": (3 * vh,),
-        "attn.proj.weight": (vh, vh), "attn.proj.bias": (vh,), "mlp.gate_proj.weight": (f, vh),
+        **base.vit_attention_shapes(v, norm_bias=False), "mlp.gate_proj.weight": (f, vh),
         "mlp.gate_proj.bias": (f,), "mlp.up_proj.weight": (f, vh), "mlp.up_proj.bias": (f,),
         "mlp.down_proj.weight": (vh, f), "mlp.down_proj.bias": (vh,)}))
     s.update({"visual.merger.ln_q.weight": (vh,),
@@ -72,15 +65,8 @@ def views(cfg: ModelConfig, expert_layout: str = "hub") -> dict:
 
 def rules(cfg: ModelConfig, pp_size: int) -> list[Rule]:
     """The MM tensors of Qwen2.5-VL, in the order a shard stores them."""
-    qkv_heads = ("qkv_heads", cfg.vision.num_heads)
     r = [Rule("image_encoder.encoder.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",), "vit", "first")]
-    r += base.layer_rules("vit", VIT, HF_VIT, [
-        ("input_layernorm.weight", ("norm1.weight",), "replicate", ("concat",)),
-        ("self_attention.linear_proj.weight", ("attn.proj.weight",), "split_dim1", ("concat",)),
-        ("self_attention.linear_proj.bias", ("attn.proj.bias",), "replicate", ("concat",)),
-        ("self_attention.linear_qkv.weight", ("attn.qkv.weight",), "split_dim0", qkv_heads),
-        ("self_attention.linear_qkv.bias", ("attn.qkv.bias",), "split_dim0", qkv_heads),
-        ("pre_mlp_layernorm.weight", ("norm2.weight",), "replicate", ("concat",)),
+    r += base.layer_rules("vit", VIT, HF_VIT, base.vit_attention_rows(cfg.vision.num_heads, norm_bias=False) + [
         ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "split_dim0", ("concat",)),
         ("mlp.linear_fc1.bias", ("mlp.gate_proj.bias", "mlp.up_proj.bias"), "split_dim0", ("concat",)),
         ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "split_dim1", ("concat",)),

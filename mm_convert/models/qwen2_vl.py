@@ -28,16 +28,11 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
     need = lambda key: base.need(vis, key, "vision_config.", source)  # noqa: E731
     embed = need("embed_dim")
     vision = VisionConfig(
-        depth=need("depth"), hidden_size=embed, intermediate_size=int(embed * vis.get("mlp_ratio", 4)),
-        num_heads=need("num_heads"), out_hidden_size=vis.get("hidden_size", text.get("hidden_size")),
-        in_channels=vis.get("in_channels", vis.get("in_chans", 3)), patch_size=vis.get("patch_size", 14),
-        temporal_patch_size=vis.get("temporal_patch_size", 2), spatial_merge_size=vis.get("spatial_merge_size", 2),
-        rope_theta=(vis.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+        **base.vision_fields(vis, text, source, 14), hidden_size=embed,
+        intermediate_size=int(embed * vis.get("mlp_ratio", 4)), out_hidden_size=vis.get("hidden_size", text.get("hidden_size")),
         norm="layer", mlp="plain", act=vis.get("hidden_act", "quick_gelu"), merger_norm="layer")
     t = base.text_config_from_hf(text, source, tie_word_embeddings=base.tied_flag(cfg), qkv_bias=True)
-    out = ModelConfig(vision, t, family=NAME, dtype=base.dtype_of(cfg), **base.token_ids(cfg))
-    base.check_heads(out, source)
-    return out
+    return base.model_config(NAME, cfg, vision, t, source)
 
 
 def tp_divisible(cfg: ModelConfig) -> list[tuple[str, str, int]]:
@@ -52,9 +47,7 @@ def hf_shapes(cfg: ModelConfig, expert_layout: str = "hub") -> dict[str, tuple[i
     vh, f, merged = v.hidden_size, v.intermediate_size, v.merged_size
     s = {"visual.patch_embed.proj.weight": (vh, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)}
     s.update(base.vit_block_shapes(v, {
-        "norm1.weight": (vh,), "norm1.bias": (vh,), "norm2.weight": (vh,), "norm2.bias": (vh,),
-        "attn.qkv.weight": (3 * vh, vh), "attn.qkv.bias": (3 * vh,), "attn.proj.weight": (vh, vh),
-        "attn.proj.bias": (vh,), "mlp.fc1.weight": (f, vh), "mlp.fc1.bias": (f,), "mlp.fc2.weight": (vh, f),
+        **base.vit_attention_shapes(v, norm_bias=True), "mlp.fc1.weight": (f, vh), "mlp.fc1.bias": (f,), "mlp.fc2.weight": (vh, f),
         "mlp.fc2.bias": (vh,)}))
     s.update({"visual.merger.ln_q.weight": (vh,), "visual.merger.ln_q.bias": (vh,),
               "visual.merger.mlp.0.weight": (merged, merged), "visual.merger.mlp.0.bias": (merged,),
@@ -67,17 +60,8 @@ def views(cfg: ModelConfig, expert_layout: str = "hub") -> dict:
 
 
 def rules(cfg: ModelConfig, pp_size: int) -> list[Rule]:
-    qkv_heads = ("qkv_heads", cfg.vision.num_heads)
     r = [Rule("image_encoder.encoder.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",), "vit", "first")]
-    r += base.layer_rules("vit", VIT, HF_VIT, [
-        ("input_layernorm.weight", ("norm1.weight",), "replicate", ("concat",)),
-        ("input_layernorm.bias", ("norm1.bias",), "replicate", ("concat",)),
-        ("self_attention.linear_proj.weight", ("attn.proj.weight",), "split_dim1", ("concat",)),
-        ("self_attention.linear_proj.bias", ("attn.proj.bias",), "replicate", ("concat",)),
-        ("self_attention.linear_qkv.weight", ("attn.qkv.weight",), "split_dim0", qkv_heads),
-        ("self_attention.linear_qkv.bias", ("attn.qkv.bias",), "split_dim0", qkv_heads),
-        ("pre_mlp_layernorm.weight", ("norm2.weight",), "replicate", ("concat",)),
-        ("pre_mlp_layernorm.bias", ("norm2.bias",), "replicate", ("concat",)),
+    r += base.layer_rules("vit", VIT, HF_VIT, base.vit_attention_rows(cfg.vision.num_heads, norm_bias=True) + [
         ("mlp.linear_fc1.weight", ("mlp.fc1.weight",), "split_dim0", ("concat",)),
         ("mlp.linear_fc1.bias", ("mlp.fc1.bias",), "split_dim0", ("concat",)),
         ("mlp.linear_fc2.weight", ("mlp.fc2.weight",), "split_dim1", ("concat",)),

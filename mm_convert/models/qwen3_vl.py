@@ -36,11 +36,8 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
     text, vis = base.text_section(cfg), base.vision_section(cfg, source, NAME)
     need = lambda key: base.need(vis, key, "vision_config.", source)  # noqa: E731
     vision = VisionConfig(
-        depth=need("depth"), hidden_size=need("hidden_size"), intermediate_size=need("intermediate_size"),
-        num_heads=need("num_heads"), out_hidden_size=vis.get("out_hidden_size", text.get("hidden_size")),
-        in_channels=vis.get("in_channels", 3), patch_size=vis.get("patch_size", 16),
-        temporal_patch_size=vis.get("temporal_patch_size", 2), spatial_merge_size=vis.get("spatial_merge_size", 2),
-        rope_theta=(vis.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+        **base.vision_fields(vis, text, source, 16), hidden_size=need("hidden_size"),
+        intermediate_size=need("intermediate_size"), out_hidden_size=vis.get("out_hidden_size", text.get("hidden_size")),
         norm="layer", mlp="plain", act=vis.get("hidden_act", "gelu_pytorch_tanh"), patch_bias=True,
         num_position_embeddings=need("num_position_embeddings"),
         deepstack_indexes=tuple(vis.get("deepstack_visual_indexes") or ()), merger_norm="layer")
@@ -57,9 +54,7 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
         experts_per_token=text.get("num_experts_per_tok") or 0,
         moe_intermediate_size=text.get("moe_intermediate_size") or 0,
         norm_topk_prob=bool(text.get("norm_topk_prob", True)), moe_layers=moe)
-    out = ModelConfig(vision, t, family=NAME, dtype=base.dtype_of(cfg), **base.token_ids(cfg))
-    base.check_heads(out, source)
-    return out
+    return base.model_config(NAME, cfg, vision, t, source)
 
 
 def tp_divisible(cfg: ModelConfig) -> list[tuple[str, str, int]]:
@@ -78,9 +73,7 @@ def hf_shapes(cfg: ModelConfig, expert_layout: str = "hub") -> dict[str, tuple[i
     s = {"visual.patch_embed.proj.weight": (vh, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),
          "visual.patch_embed.proj.bias": (vh,), "visual.pos_embed.weight": (v.num_position_embeddings, vh)}
     s.update(base.vit_block_shapes(v, {
-        "norm1.weight": (vh,), "norm1.bias": (vh,), "norm2.weight": (vh,), "norm2.bias": (vh,),
-        "attn.qkv.weight": (3 * vh, vh), "attn.qkv.bias": (3 * vh,), "attn.proj.weight": (vh, vh),
-        "attn.proj.bias": (vh,), "mlp.linear_fc1.weight": (f, vh), "mlp.linear_fc1.bias": (f,),
+        **base.vit_attention_shapes(v, norm_bias=True), "mlp.linear_fc1.weight": (f, vh), "mlp.linear_fc1.bias": (f,),
         "mlp.linear_fc2.weight": (vh, f), "mlp.linear_fc2.bias": (vh,)}))
     s.update({"visual.merger.norm.weight": (vh,), "visual.merger.norm.bias": (vh,),
               "visual.merger.linear_fc1.weight": (merged, merged), "visual.merger.linear_fc1.bias": (merged,),
@@ -108,19 +101,10 @@ def dcp_experts(cfg: ModelConfig, expert_layout: str = "hub") -> dict[str, tuple
 
 
 def rules(cfg: ModelConfig, pp_size: int) -> list[Rule]:
-    qkv_heads = ("qkv_heads", cfg.vision.num_heads)
     r = [Rule("image_encoder.encoder.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",), "vit", "first"),
          Rule("image_encoder.encoder.patch_embed.proj.bias", ("visual.patch_embed.proj.bias",), "vit", "first"),
          Rule("image_encoder.encoder.pos_embed.weight", ("visual.pos_embed.weight",), "vit", "first")]
-    r += base.layer_rules("vit", VIT, HF_VIT, [
-        ("input_layernorm.weight", ("norm1.weight",), "replicate", ("concat",)),
-        ("input_layernorm.bias", ("norm1.bias",), "replicate", ("concat",)),
-        ("self_attention.linear_proj.weight", ("attn.proj.weight",), "split_dim1", ("concat",)),
-        ("self_attention.linear_proj.bias", ("attn.proj.bias",), "replicate", ("concat",)),
-        ("self_attention.linear_qkv.weight", ("attn.qkv.weight",), "split_dim0", qkv_heads),
-        ("self_attention.linear_qkv.bias", ("attn.qkv.bias",), "split_dim0", qkv_heads),
-        ("pre_mlp_layernorm.weight", ("norm2.weight",), "replicate", ("concat",)),
-        ("pre_mlp_layernorm.bias", ("norm2.bias",), "replicate", ("concat",)),
+    r += base.layer_rules("vit", VIT, HF_VIT, base.vit_attention_rows(cfg.vision.num_heads, norm_bias=True) + [
         ("mlp.linear_fc1.weight", ("mlp.linear_fc1.weight",), "split_dim0", ("concat",)),
         ("mlp.linear_fc1.bias", ("mlp.linear_fc1.bias",), "split_dim0", ("concat",)),
         ("mlp.linear_fc2.weight", ("mlp.linear_fc2.weight",), "split_dim1", ("concat",)),
