@@ -268,8 +268,9 @@ class Converter:
             try:
                 ref = hf_format.HFReader(hf_dir, self.spec.KEY_SCHEMES)
                 scheme = ref.scheme
-                model = self._match_expert_layout(model, ref)
-                plan = model.plan(layout, {n: None for n in model.shapes})
+                matched = self._match_expert_layout(model, ref)
+                if matched != model:  # the reference stores experts in the other layout: plan for that one
+                    model, plan = matched, matched.plan(layout, {n: None for n in matched.shapes})
             except CheckpointError:
                 pass  # a reference dir without weights: keep what was recorded at conversion
         shapes = model.shapes

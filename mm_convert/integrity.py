@@ -136,12 +136,12 @@ def _crc_of(path: str, rec: Record, spans) -> int:
                 return _read_crc(path, rec.start, rec.size)
             if off > at:
                 fd = fd if fd is not None else os.open(path, os.O_RDONLY)
-                crc = crc32_combine(crc, _pread_crc(fd, at, off - at), off - at)
+                crc = crc32_combine(crc, _pread_crc(fd, path, at, off - at), off - at)
             crc = crc32_combine(crc, c, n)
             at = off + n
         if at < end:
             fd = fd if fd is not None else os.open(path, os.O_RDONLY)
-            crc = crc32_combine(crc, _pread_crc(fd, at, end - at), end - at)
+            crc = crc32_combine(crc, _pread_crc(fd, path, at, end - at), end - at)
         return crc
     finally:
         if fd is not None:
@@ -151,18 +151,17 @@ def _crc_of(path: str, rec: Record, spans) -> int:
 def _read_crc(path: str, start: int, size: int) -> int:
     fd = os.open(path, os.O_RDONLY)
     try:
-        return _pread_crc(fd, start, size)
+        return _pread_crc(fd, path, start, size)
     finally:
         os.close(fd)
 
 
-def _pread_crc(fd: int, start: int, size: int, block: int = 8 << 20) -> int:
+def _pread_crc(fd: int, path: str, start: int, size: int, block: int = 8 << 20) -> int:
     crc, done = 0, 0
     while done < size:
         data = os.pread(fd, min(block, size - done), start + done)
         if not data:
-            raise CheckpointError(f"{os.readlink(f'/proc/self/fd/{fd}') if os.path.exists(f'/proc/self/fd/{fd}') else fd}: "
-                                  f"ends before byte {start + done}; the file is truncated")
+            raise CheckpointError(f"{path}: ends before byte {start + done}; the file is truncated")
         crc = crc32(data, crc)
         done += len(data)
     return crc

@@ -9,7 +9,10 @@ import torch
 
 from helpers import assert_same_tensors, load_hf_tensors, load_mm_shards
 from mm_convert import CONVERTERS
+from math import prod
+
 from mm_convert.errors import LayoutError
+from mm_convert.models import FAMILIES
 from mm_convert.layout import ParallelLayout
 
 LAYOUTS = {
@@ -187,8 +190,7 @@ def test_published_configs_refuse_impossible_sizes(fam, size, tp, ep, message):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("fam,size", [(f.NAME, s) for f in __import__("mm_convert.models", fromlist=["x"]).FAMILIES
-                                      for s in f.PUBLISHED])
+@pytest.mark.parametrize("fam,size", [(f.NAME, s) for f in FAMILIES for s in f.PUBLISHED])
 def test_published_configs_read_and_plan(fam, size):
     """Every bundled published config reads, and plans at a layout its sizes allow (shapes only, no weights):
     the HF tensor count and bytes match the model's published parameter count."""
@@ -200,7 +202,7 @@ def test_published_configs_read_and_plan(fam, size):
     spec = family(fam)
     cfg = spec.config_from_hf(json.loads(published_config_path(size, fam).read_text()), size)
     model = BoundModel(spec, cfg)
-    params = sum(__import__("math").prod(s) for s in model.shapes.values())
+    params = sum(prod(s) for s in model.shapes.values())
     billions = float(size.split("_")[0].rstrip("b"))
     assert 0.75 * billions < params / 1e9 < 1.25 * billions + 0.5, (size, params)
     ep = 2 if cfg.text.num_experts else 1

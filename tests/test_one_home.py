@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from mm_convert.converter import BoundModel
+from mm_convert.formats.hf import from_legacy
 from mm_convert.layout import ParallelLayout
 from mm_convert.models import FAMILIES
 from mm_convert.testing import tiny_config_dict
@@ -35,9 +36,8 @@ def forbidden() -> dict[str, str]:
         for variant in spec.TINY:
             cfg = spec.config_from_hf(tiny_config_dict(spec.NAME, variant), "tiny")
             model = BoundModel(spec, cfg)
-            for n in model.shapes:
-                names |= {n, *(spec.KEY_SCHEMES and [__import__("mm_convert.formats.hf", fromlist=["x"]).from_legacy(
-                    n, s, spec.KEY_SCHEMES) for s in spec.KEY_SCHEMES])}
+            for n in model.shapes:  # the legacy name and its spelling in every key scheme
+                names |= {n, *(from_legacy(n, s, spec.KEY_SCHEMES) for s in spec.KEY_SCHEMES)}
             layout = ParallelLayout.create(1, [cfg.text.num_layers], [cfg.vision.depth])
             names |= {t.key for f in model.plan(layout, {n: None for n in model.shapes}) for t in f.tensors}
         frags = set().union(*map(_fragments, names))

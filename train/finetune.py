@@ -118,7 +118,7 @@ class Data:
         self.tok, self.improc = load_processors(dc.model_name_or_path)
         self.cfg = cfg
         self.root = dc.dataset_dir
-        self.samples, self.lengths, bad = [], [], []
+        self.samples, self.lengths = [], []
         parsed, bad = read_samples(dc)
         total = len(parsed) + len(bad)
         for sample, file, index in parsed:
