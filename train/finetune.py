@@ -19,15 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .batch import collate, label_tokens, to_device
+from .batch import label_tokens, to_device
 from .config import ModelConfig
-from mm_convert.errors import ConfigError, DataError, LayoutError, MMConvertError
+from mm_convert.errors import ConfigError, LayoutError, MMConvertError
 
-from .data import BadSample, checked_length, encode, load_data_config, read_samples
-
-MAX_LISTED = 20  # bad samples listed before the run stops
-from .inputs import load_processors
-from .sampler import BucketBatchSampler, RandomBatchSampler
+from .data import load_data_config
+from .dataset import Data
+from .optimizer import make_optimizer
 
 
 def parse_args(argv=None):
@@ -109,68 +107,6 @@ def learning_rate(args, it: int) -> float:
     return args.min_lr + (args.lr - args.min_lr) * coef
 
 
-class Data:
-    """Samples (their token lengths computed up front, for the sampler) and the sampler's steps; the position
-    is (epoch, step in epoch)."""
-
-    def __init__(self, args, cfg: ModelConfig, dp_size: int, dp_rank: int):
-        dc = load_data_config(args.data_config)
-        self.tok, self.improc = load_processors(dc.model_name_or_path)
-        self.cfg = cfg
-        self.root = dc.dataset_dir
-        self.samples, self.lengths = [], []
-        parsed, bad = read_samples(dc)
-        total = len(parsed) + len(bad)
-        for sample, file, index in parsed:
-            n, what = checked_length(sample, self.tok, self.improc, self.root, args.seq_length)
-            if what:
-                bad.append(BadSample(file, index, sample.id, what))
-            else:
-                self.samples.append(sample)
-                self.lengths.append(n)
-        self.skipped = len(bad)
-        if bad and not args.skip_bad_samples:
-            shown = [b.line() for b in sorted(bad, key=lambda b: (b.file, b.index))[:MAX_LISTED]]
-            more = f" ({len(bad) - MAX_LISTED} more not listed)" if len(bad) > MAX_LISTED else ""
-            raise DataError("\n".join(shown) + f"\n{len(bad)} bad samples of {total} read{more}; nothing was "
-                            f"trained: fix them or pass --skip-bad-samples")
-        if bad and dp_rank == 0 and int(os.environ.get("RANK", 0)) == 0:
-            print(f"[data] skipped {len(bad)} bad samples (--skip-bad-samples), training on {len(self.samples)}; "
-                  f"first: {bad[0].line()}", flush=True)
-        if not self.samples:
-            raise DataError(f"{args.data_config}: no usable samples")
-        lengths = self.lengths
-        cls = BucketBatchSampler if dc.sampler_type == "BucketBatchSampler" else RandomBatchSampler
-        self.sampler = cls(lengths, args.micro_batch_size, dp_size, dp_rank, seed=args.seed)
-        self.dp_rank = dp_rank
-        self.epoch, self.pos = 0, 0
-        self._steps = None
-
-    def next_step(self) -> list[list[int]]:
-        """One sampler step (a micro-batch for every DP rank); a new epoch when this one is used up."""
-        if self._steps is None:
-            self.sampler.set_epoch(self.epoch)
-            self._steps = self.sampler.steps()
-            if not self._steps:
-                raise DataError("the dataset has fewer samples than micro_batch_size x DP")
-        if self.pos >= len(self._steps):
-            self.epoch, self.pos, self._steps = self.epoch + 1, 0, None
-            return self.next_step()
-        self.pos += 1
-        return self._steps[self.pos - 1]
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.pos, "skipped_samples": self.skipped}
-
-    def restore(self, s: dict) -> None:
-        self.epoch, self.pos, self._steps = s["epoch"], s["step_in_epoch"], None
-
-    def batch(self, idx: list[int]) -> dict:
-        """Encoded on demand (images decoded only for the step that uses them)."""
-        enc = [encode(self.samples[i], self.tok, self.improc, self.root) for i in idx]
-        return collate(enc, self.cfg, self.tok.pad_token_id or 0)
-
-
 def train(args) -> None:
     from mm_convert.converter import converter_for
 
@@ -205,11 +141,7 @@ def train(args) -> None:
     tm = TrainModel(cfg, layout, args.load, dp_size=dp, train_vit=args.train_vit, train_projector=not args.freeze_projector,
                     recompute=args.recompute_granularity, recompute_layers=args.recompute_num_layers)
     ps = tm.ps
-    decay = [p for _, n, p in tm.named_parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for _, n, p in tm.named_parameters() if p.requires_grad and p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+    opt = make_optimizer(args, tm)
     data = Data(args, cfg, dp, ps.dp_rank)
     state = saving.load(args.load, tm, opt, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng)
     it = state["iteration"]
