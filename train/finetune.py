@@ -38,6 +38,8 @@ def parse_args(argv=None):
     add("--load", required=True, help="MM checkpoint: converted (release) or a training save (latest iteration)")
     add("--save")
     add("--save-interval", type=int, default=0)
+    add("--use-distributed-optimizer", action="store_true",
+        help="shard the AdamW state over data-parallel ranks (ZeRO-1), saved per DP rank as distrib_optim.pt")
     add("--no-save-optim", action="store_true")
     add("--no-save-rng", action="store_true")
     add("--no-load-optim", action="store_true")
