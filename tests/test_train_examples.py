@@ -12,6 +12,7 @@ import pytest
 from mm_train.config import ModelConfig, mm_pipeline_layers
 from mm_train.data import load_data_config
 from mm_train.finetune import apply_model_json, parse_args
+from mm_train.recompute import Recompute
 
 EX = Path(__file__).resolve().parents[1] / "examples" / "qwen2.5vl"
 
@@ -25,8 +26,8 @@ def test_example_training_configs(size):
     assert mm_pipeline_layers(model) == mm_pipeline_layers(infer)
     args = parse_args(["--mm-data", "d.json", "--load", "x", "--train-iters", "1", "--mm-model", str(EX / f"model_{size}.json")])
     apply_model_json(args)
-    assert (args.train_vit, args.freeze_projector, args.recompute_granularity, args.recompute_num_layers) == \
-        (False, False, "full", 1)
+    assert (args.train_vit, args.freeze_projector, args.freeze_llm, args.vit_recompute, args.llm_recompute) == \
+        (False, False, False, Recompute("full", "uniform", 1), Recompute())
     dc = load_data_config(EX / f"data_{size}.json")
     assert dc.sampler_type == "BucketBatchSampler" and size.upper() in dc.model_name_or_path
     script = (EX / f"finetune_qwen2_5_vl_{size}.sh").read_text()

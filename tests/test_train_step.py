@@ -11,6 +11,7 @@ from mm_train.check_grads import engine_loss_and_grads, hf_loss_and_grads
 from mm_train.config import ModelConfig
 from mm_train.data import encode, parse_sample
 from mm_train.inputs import load_processors
+from mm_train.recompute import Recompute
 from mm_convert.layout import ParallelLayout
 
 
@@ -31,10 +32,17 @@ def make_batch(hf_dir, tmp_path):
     return cfg, batch
 
 
+RECOMPUTE = {None: None,  # both modules, with Megatron's meanings
+             "full": {"vision": Recompute("full", "uniform", 2), "llm": Recompute("full", "uniform", 1)},
+             "selective": {"vision": Recompute("selective"), "llm": Recompute("selective")},
+             "block": {"vision": Recompute("full", "block", 2), "llm": Recompute("full", "block", 2)}}
+
+
 @pytest.mark.parametrize("tp,llm,vit,tied,recompute,vit_tp", [
     (1, [4], [4], False, None, 0),
     (2, [1, 3], [4, 0], True, "full", 0),
     (1, [0, 4], [3, 1], False, "selective", 0),
+    (1, [2, 2], [4, 0], False, "block", 0),
     (2, [[1, 1], [1, 1]], [[4, 0], [0, 0]], True, None, 0),  # virtual pipeline: 2 chunks per stage
     (2, [4], [4], False, None, 1)])  # vision encoder replicated over the LLM's 2 TP ranks
 def test_step_equals_transformers(tp, llm, vit, tied, recompute, vit_tp, tiny_hf, conv, tmp_path):
@@ -46,7 +54,7 @@ def test_step_equals_transformers(tp, llm, vit, tied, recompute, vit_tp, tiny_hf
     conv.hf_to_mm(hf, tmp_path / "mm", tp_size=tp, llm_pp_layers=llm, vit_pp_layers=vit, vit_tp_size=vit_tp)
     ref_loss, ref = hf_loss_and_grads(hf, batch)
     loss, got = engine_loss_and_grads(tmp_path / "mm", hf, cfg, ParallelLayout.create(tp, llm, vit, vit_tp), batch,
-                                      recompute=recompute)
+                                      recompute=RECOMPUTE[recompute])
     assert abs(loss - ref_loss) <= 1e-5, (loss, ref_loss)
     norm = got.pop("<grad_norm>").item()  # each distinct parameter counted once over TP, PP and tied copies
     ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref.values())).item()

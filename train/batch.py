@@ -40,3 +40,19 @@ def to_device(batch: dict, device) -> dict:
 def label_tokens(batch: dict) -> int:
     """Tokens the loss counts (labels shifted by one, as the loss sees them)."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def pad_to(batch: dict, length: int | None, pad_id: int = 0) -> dict:
+    """Right-pad a micro-batch to ``length`` tokens (Megatron's fixed pipeline shapes without
+    --variable-seq-lengths): padding ids, -100 labels, positions continuing; None or shorter: unchanged."""
+    n = batch["input_ids"].shape[1]
+    if length is None or length <= n:
+        return batch
+    extra = length - n
+    out = dict(batch)
+    out["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_id)
+    out["labels"] = torch.nn.functional.pad(batch["labels"], (0, extra), value=IGNORE)
+    pos = batch["position_ids"]
+    out["position_ids"] = torch.cat([pos, pos[..., -1:] + torch.arange(1, extra + 1)], dim=-1)
+    return out
+

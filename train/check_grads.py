@@ -7,6 +7,7 @@ every gradient is compared under its HF name.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from mm_convert.layout import ParallelLayout
 from .batch import label_tokens, to_device
 from .config import ModelConfig
 from .launch import launch_local, worker_main
+from .recompute import Recompute
 
 
 def hf_loss_and_grads(hf_dir, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
@@ -37,7 +39,7 @@ def hf_loss_and_grads(hf_dir, batch: dict) -> tuple[float, dict[str, torch.Tenso
 
 
 def engine_loss_and_grads(mm_dir, hf_dir, cfg: ModelConfig, layout: ParallelLayout, batch: dict,
-                          timeout: float = 600, recompute: str | None = None,
+                          timeout: float = 600, recompute: dict | None = None,
                           dp_batches: list[dict] | None = None) -> tuple[float, dict[str, torch.Tensor]]:
     """Run the ranks; return their loss and their gradients under transformers' parameter names (plus the
     engine's global grad norm under ``<grad_norm>``). ``dp_batches``: one batch per data-parallel rank (their
@@ -51,7 +53,8 @@ def engine_loss_and_grads(mm_dir, hf_dir, cfg: ModelConfig, layout: ParallelLayo
         batches = dp_batches or [batch]
         torch.save([{k: v for k, v in b.items() if k != "attention_mask"} for b in batches], Path(tmp, "batch.pt"))
         job = {"mm_dir": str(mm_dir), "config": cfg.to_dict(), "layout": layout.to_dict(), "batch": f"{tmp}/batch.pt",
-               "out": f"{tmp}/grads", "recompute": recompute}
+               "out": f"{tmp}/grads",
+               "recompute": {k: dataclasses.asdict(v) for k, v in (recompute or {}).items()}}
         Path(tmp, "job.json").write_text(json.dumps(job))
         launch_local("mm_train.check_grads", [f"{tmp}/job.json"], layout.tp_size * layout.pp_size * len(batches),
                      timeout=timeout)
@@ -74,7 +77,7 @@ def _worker(job_path: str) -> None:
     layout = ParallelLayout.create(**job["layout"])
     batches = torch.load(job["batch"], weights_only=True)
     tm = TrainModel(ModelConfig.from_dict(job["config"]), layout, job["mm_dir"], dp_size=len(batches), train_vit=True,
-                    recompute=job.get("recompute"))
+                    recompute={k: Recompute(**v) for k, v in job["recompute"].items()})
     ps = tm.ps
     denom = float(sum(label_tokens(b) for b in batches))
     batch = to_device(batches[ps.dp_rank], ps.device)

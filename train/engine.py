@@ -22,15 +22,17 @@ from mm_convert.plan import slot_name
 from .checkpoint import load_strict, read_shard, shard_path
 from .config import ModelConfig, spec_of
 from .data import IGNORE
-from .model import Expert, ImageEncoder, MoE, StageModel, check_divisible
+from .model import Expert, ImageEncoder, MoE, StageModel, TextDecoder, check_divisible
+from .recompute import Recompute
 from .parallel import ColumnLinear, Group, ParallelState, RowLinear, VocabEmbedding, init_parallel
 from .parallel import recv_tensors, send_tensors
 
 
 class TrainModel:
     def __init__(self, cfg: ModelConfig, layout: ParallelLayout, mm_dir, *, dp_size: int = 1,
-                 train_vit: bool = False, train_projector: bool = True, recompute: str | None = None,
-                 recompute_layers: int | None = None, ps: ParallelState | None = None):
+                 train_vit: bool = False, train_projector: bool = True, train_llm: bool = True,
+                 recompute: dict[str, Recompute] | None = None, ps: ParallelState | None = None):
+        """``recompute``: the policy of each module, "vision" and "llm" (none by default)."""
         check_divisible(cfg, layout)
         if dp_size % layout.ep_size:
             raise LayoutError(f"the checkpoint's ep_size {layout.ep_size} must divide the data-parallel size {dp_size} "
@@ -50,12 +52,14 @@ class TrainModel:
                 stage = StageModel(cfg, layout, pos, self.ps)
             load_strict(stage, {k: t.clone().float() for k, t in state.items()}, f"{path} [{slot_name(v, layout.vpp_size)}]")
             stage.to(self.ps.device).train()
-            trains = {"vision": train_vit, "projector": train_projector}  # MindSpeed-MM's defaults: False, True
+            trains = {"vision": train_vit, "projector": train_projector, "llm": train_llm}
             for name, p in stage.named_parameters():
-                p.requires_grad_(trains.get(trainable_group(self.spec, name), True))
+                p.requires_grad_(trains[trainable_group(self.spec, name)])
             for m in stage.modules():
                 if isinstance(m, ImageEncoder):
-                    m.recompute, m.recompute_layers = recompute, recompute_layers
+                    m.recompute = (recompute or {}).get("vision", Recompute())
+                if isinstance(m, TextDecoder):
+                    m.recompute = (recompute or {}).get("llm", Recompute())
                 if isinstance(m, MoE):
                     m.shared_tokens = False  # each data-parallel rank brings its own tokens
             self.stages[pos] = stage

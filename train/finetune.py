@@ -8,13 +8,12 @@ decay. The loss is the token mean over the global batch. Saves go to ``--save`` 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
-from pathlib import Path
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,75 +22,13 @@ from .batch import label_tokens, to_device
 from .config import ModelConfig
 from mm_convert.errors import ConfigError, LayoutError, MMConvertError
 
+from .args import apply_model_json, no_effect_flags, parse_args
+from .batch import pad_to
 from .data import load_data_config
 from .dataset import Data
 from .optimizer import make_optimizer
 
-
-def parse_args(argv=None):
-    a = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add = a.add_argument
-    add("--data-config", "--mm-data", dest="data_config", required=True, help="MindSpeed-MM data.json")
-    add("--tensor-model-parallel-size", type=int, help="checked against the --load checkpoint's TP")
-    add("--pipeline-model-parallel-size", type=int, help="checked against the --load checkpoint's PP")
-    add("--mm-model", help="MindSpeed-MM model.json (vision freeze / recomputation settings)")
-    add("--load", required=True, help="MM checkpoint: converted (release) or a training save (latest iteration)")
-    add("--save")
-    add("--save-interval", type=int, default=0)
-    add("--use-distributed-optimizer", action="store_true",
-        help="shard the AdamW state over data-parallel ranks (ZeRO-1), saved per DP rank as distrib_optim.pt")
-    add("--no-save-optim", action="store_true")
-    add("--no-save-rng", action="store_true")
-    add("--no-load-optim", action="store_true")
-    add("--no-load-rng", action="store_true")
-    add("--micro-batch-size", type=int, default=1)
-    add("--global-batch-size", type=int, default=1)
-    add("--train-iters", type=int, required=True)
-    add("--lr", type=float, default=1e-5)
-    add("--min-lr", type=float, default=0.0)
-    add("--lr-warmup-iters", type=int, default=0)
-    add("--lr-warmup-fraction", type=float)
-    add("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
-    add("--lr-decay-iters", type=int)
-    add("--weight-decay", type=float, default=0.0)
-    add("--adam-beta1", type=float, default=0.9)
-    add("--adam-beta2", type=float, default=0.999)
-    add("--adam-eps", type=float, default=1e-8)
-    add("--clip-grad", type=float, default=1.0)
-    add("--pipeline-schedule", choices=["sequential", "gpipe"], default="sequential",
-        help="sequential: one micro-batch in flight; gpipe: all forwards, then all backwards (stages overlap, "
-             "activations of every micro-batch are held)")
-    add("--bf16", action="store_true", help="bf16 autocast (master weights and optimizer stay fp32)")
-    add("--seed", type=int, default=1234)
-    add("--train-vit", action="store_true", help="also train the vision encoder (frozen by default)")
-    add("--freeze-projector", action="store_true", help="freeze the vision projector (trained by default)")
-    add("--recompute-granularity", choices=["full", "selective"], help="vision encoder recomputation")
-    add("--recompute-num-layers", type=int, help="full: recompute this many blocks per stage (default all)")
-    add("--log-interval", type=int, default=1)
-    add("--log-tps", action="store_true", help="also log tokens per second")
-    add("--log-json", help="rank 0 appends one JSON record per iteration here")
-    add("--nproc", type=int, help="start this many local ranks (instead of torchrun)")
-    add("--seq-length", type=int, help="longest sample in tokens (image tokens included); longer ones are bad samples")
-    add("--skip-bad-samples", action="store_true",
-        help="train on the rest when samples are bad (missing / unreadable image, no assistant turn, unknown role, "
-             "too long): they are counted in the log and the save; by default the run stops before training, "
-             "listing them")
-    return a.parse_args(argv)
-
-
-def apply_model_json(args) -> None:
-    """The seeds' model.json: image_encoder.vision_encoder.{freeze, recompute_granularity, recompute_method,
-    recompute_num_layers} and image_encoder.vision_projector.freeze."""
-    if not args.mm_model:
-        return
-    enc = json.loads(Path(args.mm_model).read_text()).get("image_encoder", {})
-    vit, proj = enc.get("vision_encoder", {}), enc.get("vision_projector", {})
-    if "freeze" in vit and not args.train_vit:
-        args.train_vit = not vit["freeze"]
-    args.freeze_projector = args.freeze_projector or bool(proj.get("freeze", False))
-    args.recompute_granularity = args.recompute_granularity or vit.get("recompute_granularity")
-    if args.recompute_num_layers is None and vit.get("recompute_method") == "uniform":
-        args.recompute_num_layers = vit.get("recompute_num_layers")
+__all__ = ["apply_model_json", "parse_args", "main", "cli"]
 
 
 def learning_rate(args, it: int) -> float:
@@ -116,33 +53,39 @@ def train(args) -> None:
 
     from . import saving
     from .engine import TrainModel
+    from .parallel import pick_backend
 
     apply_model_json(args)
     torch.manual_seed(args.seed)
     dc = load_data_config(args.data_config)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    if rank0 and no_effect_flags(args):
+        print(f"[args] accepted, no effect here: {'; '.join(no_effect_flags(args))}", flush=True)
     if args.save:  # every rank, before anything is read: a crash during a save is undone (races are harmless)
         for line in saving.recover(args.save):
-            if int(os.environ.get("RANK", 0)) == 0:
+            if rank0:
                 print(f"[save] {line}", flush=True)
     cfg = ModelConfig.from_hf(dc.model_name_or_path)
-    layout = converter_for(read_hf_config(dc.model_name_or_path)[0], progress=False).layout_of(
-        args.load, dc.model_name_or_path, "--load")
-    for flag, want, have in (("--tensor-model-parallel-size", args.tensor_model_parallel_size, layout.tp_size),
-                             ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size, layout.pp_size)):
-        if want is not None and want != have:
-            raise LayoutError(f"{flag} {want}, but {args.load} is laid out with {have}; resplit it first")
+    converter = converter_for(read_hf_config(dc.model_name_or_path)[0], progress=False)
+    layout = converter.layout_of(args.load, dc.model_name_or_path, "--load")
+    check_layout_flags(args, cfg, layout, type(converter).__name__)
     world = int(os.environ.get("WORLD_SIZE", 1))
     mp = layout.tp_size * layout.pp_size
-    if world % mp:
+    if world % mp or world < mp:
         raise LayoutError(f"world size {world} is not a multiple of tp {layout.tp_size} x pp {layout.pp_size}")
     dp = world // mp
     per_step = args.micro_batch_size * dp
     if args.global_batch_size % per_step:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not a multiple of micro batch x DP = {per_step}")
     n_micro = args.global_batch_size // per_step
+    if not dist.is_initialized():
+        backend, _ = pick_backend()
+        dist.init_process_group(backend, timeout=timedelta(minutes=args.distributed_timeout_minutes))
     tm = TrainModel(cfg, layout, args.load, dp_size=dp, train_vit=args.train_vit, train_projector=not args.freeze_projector,
-                    recompute=args.recompute_granularity, recompute_layers=args.recompute_num_layers)
+                    train_llm=not args.freeze_llm, recompute={"vision": args.vit_recompute, "llm": args.llm_recompute})
     ps = tm.ps
+    check_trainable(args, tm)
+    fixed = args.seq_length if layout.pp_size > 1 and not args.variable_seq_lengths else None
     opt = make_optimizer(args, tm)
     data = Data(args, cfg, dp, ps.dp_rank)
     state = saving.load(args.load, tm, opt, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng)
@@ -155,13 +98,14 @@ def train(args) -> None:
     if ps.rank == 0 and args.log_json:
         log = open(args.log_json, "a")
     plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
+    timings: list[tuple[float, int]] = []  # (ms, real tokens) per iteration, for the --log-tps summary
     while it < args.train_iters:
         t0 = time.perf_counter()
         lr = learning_rate(args, it)
         for g in opt.param_groups:
             g["lr"] = lr
         steps = [data.next_step() for _ in range(n_micro)]
-        batches = [[data.batch(mb) for mb in step] for step in steps]  # [micro][dp rank]
+        batches = [[pad_to(data.batch(mb), fixed) for mb in step] for step in steps]  # [micro][dp rank]
         denom = float(sum(label_tokens(b) for micro in batches for b in micro))  # the global batch's targets
         real = sum(data.lengths[i] for step in steps for mb in step for i in mb)  # no padding
         opt.zero_grad(set_to_none=True)
@@ -182,6 +126,7 @@ def train(args) -> None:
         consumed += args.global_batch_size
         ms = (time.perf_counter() - t0) * 1000
         loss = loss_sum.item() / max(denom, 1)
+        timings.append((ms, real))
         if log:  # every iteration
             log.write(json.dumps({"iteration": it, "loss": loss, "grad_norm": norm, "lr": lr, "ms": ms,
                                   "tokens_per_s": real / (ms / 1000), "consumed_samples": consumed}) + "\n")
@@ -201,6 +146,70 @@ def train(args) -> None:
                 print(f"saved checkpoint at iteration {it} to {args.save}", flush=True)
     if log:
         log.close()
+    if args.log_tps and ps.rank == 0:
+        for line in throughput_summary(timings, args.global_batch_size):
+            print(line, flush=True)
+
+
+def throughput_summary(timings: list[tuple[float, int]], global_batch: int) -> list[str]:
+    """What MindSpeed-MM's scripts compute from the log at the end of a run: the mean step time (the first,
+    warm-up iteration left out when there are others), samples and tokens per second."""
+    runs = timings[1:] or timings
+    ms = sum(t for t, _ in runs) / len(runs)
+    per_sample = sum(n for _, n in runs) / (len(runs) * global_batch)
+    sps = global_batch * 1000 / ms
+    return [f"Elapsed Time Per iteration: {ms:.1f}", f"Average Samples per Second: {sps:.3f}",
+            f"Consumed Tokens per Second: {sps * per_sample:.3f}"]
+
+
+def check_layout_flags(args, cfg, layout, converter: str) -> None:
+    """The flags and model.json that describe the layout must describe the --load checkpoint's: one line
+    naming both, and the resplit command that makes the checkpoint fit."""
+    from mm_convert.layout import ParallelLayout
+
+    for flag, want, have in (("--tensor-model-parallel-size", args.tensor_model_parallel_size, layout.tp_size),
+                             ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size, layout.pp_size)):
+        if want is not None and want != have:
+            raise LayoutError(f"{flag} {want}, but {args.load} is laid out with {have}; resplit it first")
+    if args.mm_layout is not None:
+        llm = args.mm_layout[0] or [cfg.text.num_layers]
+        vit = args.mm_layout[1] or [cfg.vision.depth]
+        want = ParallelLayout.create(layout.tp_size, llm, vit, layout.vit_tp_size, ep_size=layout.ep_size)
+        if (want.llm_pp_layers, want.vit_pp_layers) != (layout.llm_pp_layers, layout.vit_pp_layers):
+            have = layout.to_dict()
+            raise LayoutError(
+                f"{args.mm_model}: pipeline_num_layers text_decoder {llm} / vision_encoder {vit}, but {args.load} "
+                f"is laid out llm_pp_layers {have['llm_pp_layers']} / vit_pp_layers {have['vit_pp_layers']}; fix "
+                f"model.json or run: mm-convert {converter} resplit --cfg.source_dir {args.load} --cfg.target_dir "
+                f"{str(args.load).rstrip('/')}_resplit --cfg.target_parallel_config.tp_size {layout.tp_size} "
+                f"--cfg.target_parallel_config.llm_pp_layers {_flat(llm)} "
+                f"--cfg.target_parallel_config.vit_pp_layers {_flat(vit)}")
+    vocab = cfg.text.vocab_size
+    if args.vocab_size is not None:
+        step = args.make_vocab_size_divisible_by * layout.tp_size
+        padded = -(-args.vocab_size // step) * step
+        if padded != vocab:
+            raise ConfigError(f"--vocab-size {args.vocab_size} padded to a multiple of --make-vocab-size-divisible-by "
+                              f"{args.make_vocab_size_divisible_by} x tp {layout.tp_size} is {padded}, but the model "
+                              f"has {vocab} vocabulary rows")
+
+
+def _flat(layers) -> str:
+    return json.dumps(layers).replace(" ", "")
+
+
+def check_trainable(args, tm) -> None:
+    """Megatron's rule: a pipeline stage whose parameters are all frozen has nothing to optimize and needs
+    --enable-dummy-optimizer (the articles' advice for frozen vision stages); every rank learns the verdict."""
+    ps = tm.ps
+    frozen = torch.tensor([0 if tm.parameters() else 1], device=ps.device)
+    dist.all_reduce(frozen)
+    if frozen.item() and not args.enable_dummy_optimizer:
+        stages = [torch.zeros_like(frozen) for _ in range(ps.world_size)]
+        dist.all_gather(stages, torch.tensor([0 if tm.parameters() else 1], device=ps.device))
+        which = sorted({(r // ps.tp_size) % ps.pp_size for r, t in enumerate(stages) if t.item()})
+        raise ConfigError(f"pipeline stage(s) {which} hold only frozen parameters (see model.json's freeze and "
+                          f"pipeline_num_layers): add --enable-dummy-optimizer, or unfreeze a module they hold")
 
 
 def main(argv=None) -> None:

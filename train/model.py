@@ -13,8 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch.utils.checkpoint import checkpoint
-
 from mm_convert.errors import ConfigError, LayoutError
 from mm_convert.layout import ParallelLayout
 
@@ -22,6 +20,7 @@ from .config import ModelConfig, TextConfig, VisionConfig, spec_of
 from .parallel import (ColumnLinear, GatherRows, Group, ParallelState, RowLinear, ScatterSum, VocabEmbedding,
                        row_counts, vocab_logits)
 from .positions import full_seqlens, interpolated_positions, rotate_half, text_rotary, vision_rotary, window_order
+from .recompute import Recompute, attention_then_mlp, run_layers
 
 
 ACTIVATIONS = {
@@ -163,9 +162,8 @@ class VisionLayer(nn.Module):
         # a deepstack merger fed by this block's output (MindSpeed-MM keeps it inside the block)
         self.deepstack_layer = Projector(vc, group, postshuffle=True) if deepstack else None
 
-    def forward(self, x, cos, sin, cu_seqlens):
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, cu_seqlens)
-        return x + self.mlp(self.pre_mlp_layernorm(x))
+    def forward(self, x, cos, sin, cu_seqlens, recompute_attention: bool = False):
+        return attention_then_mlp(self, x, lambda h: self.self_attention(h, cos, sin, cu_seqlens), recompute_attention)
 
 
 class Projector(nn.Module):
@@ -229,30 +227,24 @@ class ImageEncoder(nn.Module):
             x = to_windows(x)
         rot = vision_rotary(grid_thw, vc.spatial_merge_size, vc.head_dim, vc.rope_theta)
         cos, sin = (to_windows(t.to(x.device)) for t in rot)
-        for n, (i, layer) in enumerate(zip(self.layer_ids, self.encoder.blocks.layers)):
-            x = self.block(n, layer, x, cos, sin, cu_full if i in vc.fullatt_block_indexes else cu_window)
-            if layer.deepstack_layer is not None:
-                out[f"deepstack_{vc.deepstack_indexes.index(i)}"] = from_windows(layer.deepstack_layer(x))
+        layers = self.encoder.blocks.layers
+
+        def step(n, h, selective):
+            i, layer = self.layer_ids[n], layers[n]
+            h = layer(h, cos, sin, cu_full if i in vc.fullatt_block_indexes else cu_window, selective)
+            if layer.deepstack_layer is None:
+                return h, {}
+            return h, {f"deepstack_{vc.deepstack_indexes.index(i)}": from_windows(layer.deepstack_layer(h))}
+
+        x, deepstack = run_layers(step, x, len(layers), self.recompute)
+        out.update(deepstack)
         if self.last:
             out["image_embeds"] = from_windows(self.projector(x))
         else:
             out["vision_hidden"] = x
         return out
 
-    recompute: str | None = None     # training: "full" or "selective" (set by train.engine)
-    recompute_layers: int | None = None  # "full": only the first N blocks of this position (None: all)
-
-    def block(self, n, layer, x, cos, sin, cu):
-        """One block with activation recomputation: ``full`` keeps only the block's input, ``selective`` drops
-        only the attention's activations; the backward recomputes what was dropped."""
-        mode = self.recompute if torch.is_grad_enabled() else None
-        if mode == "full" and (self.recompute_layers is None or n < self.recompute_layers):
-            return checkpoint(layer, x, cos, sin, cu, use_reentrant=False)
-        if mode == "selective":
-            attn = lambda h: layer.self_attention(layer.input_layernorm(h), cos, sin, cu)  # noqa: E731
-            x = x + checkpoint(attn, x, use_reentrant=False)
-            return x + layer.mlp(layer.pre_mlp_layernorm(x))
-        return layer(x, cos, sin, cu)
+    recompute = Recompute()  # training sets the vision encoder's policy (train.engine)
 
 
 # ---- text decoder --------------------------------------------------------------------------------------------
@@ -383,9 +375,8 @@ class TextLayer(nn.Module):
         self.mlp = MoE(tc, group, ep) if tc.is_moe(layer) else \
             GatedMLP(tc.hidden_size, tc.intermediate_size // group.size, False, group)
 
-    def forward(self, x, cos, sin, cache, key):
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, cache, key)
-        return x + self.mlp(self.pre_mlp_layernorm(x))
+    def forward(self, x, cos, sin, cache, key, recompute_attention: bool = False):
+        return attention_then_mlp(self, x, lambda h: self.self_attention(h, cos, sin, cache, key), recompute_attention)
 
 
 class OutputLayer(nn.Module):
@@ -425,16 +416,22 @@ class TextDecoder(nn.Module):
         cos, sin = text_rotary(position_ids, tc.head_dim, tc.rope_theta, tc.mrope_section, x.dtype,
                                tc.mrope_interleaved)
         deepstack = deepstack or {}
-        for i, layer in zip(self.layer_ids, self.decoder.layers):
-            x = layer(x, cos, sin, cache, (pos, i - self.layer_ids.start))
-            feat = deepstack.get(f"deepstack_{i}")
+
+        def step(n, h, selective):
+            h = self.decoder.layers[n](h, cos, sin, cache, (pos, n), selective)
+            feat = deepstack.get(f"deepstack_{self.layer_ids[n]}")
             if feat is not None:
-                x = x.masked_scatter(image.unsqueeze(-1).expand_as(x), x[image] + feat.to(x.dtype))
+                h = h.masked_scatter(image.unsqueeze(-1).expand_as(h), h[image] + feat.to(h.dtype))
+            return h, {}
+
+        x, _ = run_layers(step, x, len(self.decoder.layers), self.recompute if cache is None else Recompute())
         if not self.last:
             return {"hidden": x, **deepstack}
         x = self.decoder.final_layernorm(x)
         weight = self.embedding.word_embeddings.weight if self.tied else self.output_layer.weight
         return {"logits": vocab_logits(x, weight, self.group)}
+
+    recompute = Recompute()  # training sets the LLM's policy (train.engine)
 
 
 # ---- one pipeline position -----------------------------------------------------------------------------------
