@@ -13,6 +13,12 @@ sys.path.insert(0, str(ROOT))
 
 # family -> size -> (tp, ep, llm_pp_layers, vit_pp_layers, HF repo name); layouts whose sizes divide evenly
 LAYOUTS = {
+    "Qwen2.5-VL": {  # the articles' layouts; its jsons are written by hand (MindSpeed-MM's), only scripts here
+        "3b": (1, 1, [36], [32], "Qwen2.5-VL-3B-Instruct"),
+        "7b": (1, 1, [1, 10, 10, 7], [32, 0, 0, 0], "Qwen2.5-VL-7B-Instruct"),
+        "32b": (2, 1, [4, 9, 9, 9, 9, 9, 9, 6], [32, 0, 0, 0, 0, 0, 0, 0], "Qwen2.5-VL-32B-Instruct"),
+        "72b": (8, 1, [14, 23, 23, 20], [32, 0, 0, 0], "Qwen2.5-VL-72B-Instruct"),
+    },
     "Qwen2-VL": {
         "2b": (1, 1, [28], [32], "Qwen2-VL-2B-Instruct"),
         "7b": (1, 1, [1, 10, 10, 7], [32, 0, 0, 0], "Qwen2-VL-7B-Instruct"),
@@ -26,45 +32,180 @@ LAYOUTS = {
         "235b_a22b": (4, 4, [18, 25, 25, 26], [27, 0, 0, 0], "Qwen3-VL-235B-A22B-Instruct"),
     },
 }
-FOLDERS = {"Qwen2-VL": "qwen2vl", "Qwen3-VL": "qwen3vl"}
+FOLDERS = {"Qwen2.5-VL": "qwen2.5vl", "Qwen2-VL": "qwen2vl", "Qwen3-VL": "qwen3vl"}
+STEMS = {"Qwen2.5-VL": "qwen2_5_vl", "Qwen2-VL": "qwen2vl", "Qwen3-VL": "qwen3vl"}  # file names, as MindSpeed-MM's
+HAND_WRITTEN = {"Qwen2.5-VL"}  # families whose jsons are kept as they are
+CARDS_PER_NODE = 8
 
 FINETUNE = """#!/bin/bash
-# Fine-tune {repo} on the MM checkpoint that convert_{stem}.sh wrote (tp={tp}, pp={pp}: the layout of
-# model_{size}.json). TP and PP are read off the checkpoint; DP = world / (TP x PP).{moe_note}
-set -euo pipefail
+# Fine-tune {repo} on the MM checkpoint that convert_{stem}.sh wrote: the structure and variable names of
+# MindSpeed-MM's examples/{mm_folder}/finetune_{stem}.sh (GPT_ARGS, MM_ARGS, OUTPUT_ARGS), run by mm_train.
+# Layout tp={tp}, pp={pp}{ep_text} (model_{size}.json's pipeline_num_layers; checked against LOAD_PATH at start);
+# DP = WORLD_SIZE / (TP x PP){ep_dp}. Every setting can be overridden from the environment.
+# Ascend: edit the toolkit path to yours (sourced where it exists)
+ASCEND_SET_ENV=${{ASCEND_SET_ENV:-/usr/local/Ascend/ascend-toolkit/set_env.sh}}
+if [ -f "$ASCEND_SET_ENV" ]; then source "$ASCEND_SET_ENV"; fi
+set -eo pipefail
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+
 NPUS_PER_NODE=${{NPUS_PER_NODE:-8}}
-NNODES=${{NNODES:-1}}
-NODE_RANK=${{NODE_RANK:-0}}
 MASTER_ADDR=${{MASTER_ADDR:-localhost}}
 MASTER_PORT=${{MASTER_PORT:-6000}}
+NNODES=${{NNODES:-{nnodes}}}
+NODE_RANK=${{NODE_RANK:-0}}
 WORLD_SIZE=$(($NPUS_PER_NODE*$NNODES))
 
-MM_DATA="./examples/{folder}/data_{size}.json"
-MM_MODEL="./examples/{folder}/model_{size}.json"
-LOAD_PATH="ckpt/mm_path/{repo}"
-SAVE_PATH="save_dir"
+MM_DATA=${{MM_DATA:-"./examples/{folder}/data_{size}.json"}}
+MM_MODEL=${{MM_MODEL:-"./examples/{folder}/model_{size}.json"}}
+LOAD_PATH=${{LOAD_PATH:-"ckpt/mm_path/{repo}"}}
+SAVE_PATH=${{SAVE_PATH:-"save_dir"}}
 
-TP={tp}
-PP={pp}
-MBS=1
-GRAD_ACC_STEP=${{GRAD_ACC_STEP:-8}}
-DP=$(($WORLD_SIZE/$TP/$PP))
+TP=${{TP:-{tp}}}
+PP=${{PP:-{pp}}}
+CP=1
+MBS=${{MBS:-1}}
+GRAD_ACC_STEP=${{GRAD_ACC_STEP:-48}}
+DP=$(($WORLD_SIZE/$TP/$PP/$CP))
+if [ "$DP" -lt 1 ]; then
+    echo "TP x PP = $(($TP*$PP)) ranks, but NPUS_PER_NODE x NNODES = $WORLD_SIZE: set NNODES (and NODE_RANK, MASTER_ADDR on each node)" >&2
+    exit 2
+fi
 GBS=$(($MBS*$GRAD_ACC_STEP*$DP))
+TRAIN_ITERS=${{TRAIN_ITERS:-10000}}
+SAVE_INTERVAL=${{SAVE_INTERVAL:-10000}}
+VOCAB_SIZE=${{VOCAB_SIZE:-{vocab}}}
+SEQ_LEN=${{SEQ_LEN:-1024}}
 
+DISTRIBUTED_ARGS="
+    --nproc_per_node $NPUS_PER_NODE \\
+    --nnodes $NNODES \\
+    --node_rank $NODE_RANK \\
+    --master_addr $MASTER_ADDR \\
+    --master_port $MASTER_PORT
+"
+
+# the model itself is described by model_{size}.json; training settings are here
+GPT_ARGS="
+    --use-mcore-models \\
+    --tensor-model-parallel-size ${{TP}} \\
+    --pipeline-model-parallel-size ${{PP}} \\
+    --context-parallel-size ${{CP}} \\
+    --context-parallel-algo ulysses_cp_algo \\
+    --micro-batch-size ${{MBS}} \\
+    --global-batch-size ${{GBS}} \\
+    --tokenizer-type NullTokenizer \\
+    --vocab-size ${{VOCAB_SIZE}} \\
+    --seq-length ${{SEQ_LEN}} \\
+    --make-vocab-size-divisible-by 1 \\
+    --normalization RMSNorm \\
+    --use-fused-rmsnorm \\
+    --swiglu \\
+    --use-fused-swiglu \\
+    --no-masked-softmax-fusion \\
+    --lr 1.0e-5 \\
+    --lr-decay-style cosine \\
+    --weight-decay 0 \\
+    --train-iters ${{TRAIN_ITERS}} \\
+    --lr-warmup-fraction 0.1 \\
+    --clip-grad 0.0 \\
+    --adam-beta1 0.9 \\
+    --adam-beta2 0.999 \\
+    --no-gradient-accumulation-fusion \\
+    --seed 42 \\
+    --bf16 \\
+    --load $LOAD_PATH \\
+    --use-flash-attn \\
+    --variable-seq-lengths \\
+    --use-distributed-optimizer \\
+    --no-load-optim \\
+    --no-load-rng \\
+    --no-save-optim \\
+    --no-save-rng \\
+    --num-workers 8 \\
+    --distributed-timeout-minutes 20
+"
+
+MM_ARGS="
+    --mm-data $MM_DATA \\
+    --mm-model $MM_MODEL
+"
+
+OUTPUT_ARGS="
+    --log-interval 1 \\
+    --save-interval ${{SAVE_INTERVAL}} \\
+    --eval-interval 10000 \\
+    --eval-iters 5000 \\
+    --save $SAVE_PATH \\
+    --ckpt-format torch \\
+    --log-tps
+"
+
+logfile=train_$(date +%Y%m%d)_$(date +%H%M%S)
 mkdir -p logs
-torchrun --nproc_per_node $NPUS_PER_NODE --nnodes $NNODES --node_rank $NODE_RANK \\
-    --master_addr $MASTER_ADDR --master_port $MASTER_PORT -m mm_train.finetune \\
-    --mm-data $MM_DATA --mm-model $MM_MODEL \\
-    --tensor-model-parallel-size $TP --pipeline-model-parallel-size $PP \\
-    --micro-batch-size $MBS --global-batch-size $GBS \\
-    --lr 1.0e-5 --lr-decay-style cosine --lr-warmup-fraction 0.1 --min-lr 0 \\
-    --weight-decay 0 --clip-grad 0.0 --adam-beta1 0.9 --adam-beta2 0.999 --seed 42 \\
-    --train-iters 10000 --bf16 \\
-    --load $LOAD_PATH --no-load-optim --no-load-rng \\
-    --save $SAVE_PATH --save-interval 10000 \\
-    --log-interval 1 --log-tps \\
-    2>&1 | tee logs/train_$(date +%Y%m%d_%H%M%S).log
+torchrun $DISTRIBUTED_ARGS -m mm_train.finetune \\
+    $GPT_ARGS \\
+    $MM_ARGS \\
+    $OUTPUT_ARGS \\
+    --distributed-backend nccl \\
+    2>&1 | tee logs/${{logfile}}.log
+# the articles' summary from the log (the first iteration, warm-up, left out); a grep finding nothing is no error
+set +o pipefail
+STEP_TIME=`grep "elapsed time per iteration" logs/${{logfile}}.log | awk -F ':' '{{print$5}}' | awk -F '|' '{{print$1}}' | tail -n +2 | awk '{{sum+=$1}} END {{if (NR != 0) printf("%.1f",sum/NR)}}'`
+if [ -n "$STEP_TIME" ]; then
+    SAMPLES_PER_SECOND=`awk 'BEGIN{{printf "%.3f\\n", '${{GBS}}'*1000/'${{STEP_TIME}}'}}'`
+    echo "Elapsed Time Per iteration: $STEP_TIME"
+    echo "Average Samples per Second: $SAMPLES_PER_SECOND"
+    if grep -q "tokens per sample" logs/${{logfile}}.log; then
+        AVERAGE_TOKENS=`grep "tokens per sample" logs/${{logfile}}.log | awk -F 'tokens per sample:' '{{print$2}}' | awk -F '|' '{{print$1}}' | tail -n +2 | awk '{{sum+=$1}} END {{if (NR != 0) printf("%.1f",sum/NR)}}'`
+        echo "Consumed Tokens per Second: `awk 'BEGIN{{printf "%.3f\\n", '${{SAMPLES_PER_SECOND}}'*'${{AVERAGE_TOKENS}}'}}'`"
+    fi
+fi
 # back to HF: mm-convert {converter} mm_to_hf --cfg.mm_dir $SAVE_PATH --cfg.save_hf_dir ckpt/hf_path/{repo}-finetuned --cfg.hf_config.hf_dir ckpt/hf_path/{repo}
+"""
+
+INFERENCE = """#!/bin/bash
+# Generate with {repo} from an MM checkpoint (converted or fine-tuned): the structure of MindSpeed-MM's
+# examples/{mm_folder}/inference_{stem}.sh, run by mm_train.infer. inference_{stem}.json holds the model, the
+# layout (tp={tp}, pp={pp}{ep_text}: TP x PP{ep_x} ranks), tokenizer, image and prompt; every setting can be overridden
+# from the environment.
+ASCEND_SET_ENV=${{ASCEND_SET_ENV:-/usr/local/Ascend/ascend-toolkit/set_env.sh}}
+if [ -f "$ASCEND_SET_ENV" ]; then source "$ASCEND_SET_ENV"; fi
+set -eo pipefail
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+
+NPUS_PER_NODE=${{NPUS_PER_NODE:-{infer_npus}}}
+MASTER_ADDR=${{MASTER_ADDR:-localhost}}
+MASTER_PORT=${{MASTER_PORT:-6000}}
+NNODES=${{NNODES:-{infer_nodes}}}
+NODE_RANK=${{NODE_RANK:-0}}
+
+MM_MODEL=${{MM_MODEL:-"./examples/{folder}/inference_{stem}.json"}}
+LOAD_PATH=${{LOAD_PATH:-"ckpt/mm_path/{repo}"}}
+
+TP=${{TP:-{tp}}}
+PP=${{PP:-{pp}}}
+
+DISTRIBUTED_ARGS="
+    --nproc_per_node $NPUS_PER_NODE \\
+    --nnodes $NNODES \\
+    --node_rank $NODE_RANK \\
+    --master_addr $MASTER_ADDR \\
+    --master_port $MASTER_PORT
+"
+
+GPT_ARGS="
+    --tensor-model-parallel-size ${{TP}} \\
+    --pipeline-model-parallel-size ${{PP}} \\
+    --load $LOAD_PATH
+"
+
+MM_ARGS="
+    --mm-model $MM_MODEL
+"
+
+torchrun $DISTRIBUTED_ARGS -m mm_train.infer \\
+    $GPT_ARGS \\
+    $MM_ARGS
 """
 
 CONVERT = """#!/bin/bash
@@ -81,6 +222,20 @@ mm-convert {converter} hf_to_mm \\
 """
 
 
+def scripts(fam: str, size: str, converter: str, hf: dict) -> dict[str, str]:
+    """finetune_<stem>.sh and inference_<stem>.sh: defaults that run the size (enough nodes of 8 cards)."""
+    tp, ep, llm, vit, repo = LAYOUTS[fam][size]
+    stem, ranks = f"{STEMS[fam]}_{size}", tp * len(llm) * ep
+    common = dict(repo=repo, stem=stem, tp=tp, pp=len(llm), size=size, folder=FOLDERS[fam], mm_folder=FOLDERS[fam],
+                  converter=converter, ep_text=f", ep={ep}" if ep > 1 else "",
+                  ep_dp=f"; EP ranks are data-parallel ranks, so DP is a multiple of {ep}" if ep > 1 else "",
+                  ep_x=" x EP" if ep > 1 else "")
+    nodes = -(-ranks // CARDS_PER_NODE)
+    vocab = hf.get("text_config", hf).get("vocab_size", hf.get("vocab_size"))
+    return {f"finetune_{stem}.sh": FINETUNE.format(nnodes=nodes, vocab=vocab, **common),
+            f"inference_{stem}.sh": INFERENCE.format(infer_npus=min(ranks, CARDS_PER_NODE), infer_nodes=nodes, **common)}
+
+
 def main() -> None:
     from mm_convert.testing import family, published_config_path
     from mm_train.config import to_mm
@@ -92,7 +247,7 @@ def main() -> None:
         for size, (tp, ep, llm, vit, repo) in sizes.items():
             hf = json.loads(published_config_path(size, fam).read_text())
             cfg = spec.config_from_hf(hf, size)
-            stem = f"{FOLDERS[fam]}_{size}"
+            stem = f"{STEMS[fam]}_{size}"
             block = to_mm(cfg, llm, vit)
             gen_ids = hf.get("text_config", hf)
             infer = {**block, "load": f"ckpt/mm_path/{repo}", "tensor_model_parallel_size": tp,
@@ -119,10 +274,9 @@ def main() -> None:
                          converter=spec.CONVERTER, folder=FOLDERS[fam], stem=stem,
                          ep_text=f", ep={ep}" if ep > 1 else "",
                          ep_flag=f" \\\n  --cfg.parallel_config.ep_size {ep}" if ep > 1 else "")}
-            moe_note = (f"\n# Expert parallel: the checkpoint's ep_size {ep} is read off its shards too; EP ranks are data-parallel\n"
-                        f"# ranks, so DP must be a multiple of {ep} (world = TP x PP x DP).") if ep > 1 else ""
-            files[f"finetune_{stem}.sh"] = FINETUNE.format(repo=repo, stem=stem, tp=tp, pp=len(llm), size=size,
-                                                          folder=FOLDERS[fam], converter=spec.CONVERTER, moe_note=moe_note)
+            files.update(scripts(fam, size, spec.CONVERTER, hf))
+            if fam in HAND_WRITTEN:
+                files = {k: v for k, v in files.items() if k.endswith(".sh")}
             for name, text in files.items():
                 (folder / name).write_text(text)
             print(f"wrote examples/{FOLDERS[fam]}/*{size}*")

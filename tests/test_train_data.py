@@ -96,7 +96,7 @@ def test_llava_conversion_skips_missing_images(tmp_path):
         {"id": "a", "image": "x.jpg", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},
         {"id": "b", "image": "gone.jpg", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},
         {"id": "c", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}]))
-    p = subprocess.run([sys.executable, str(ROOT / "examples/qwen2.5vl/llava_to_mllm.py"), str(tmp_path / "in.json"),
+    p = subprocess.run([sys.executable, str(ROOT / "examples/qwen2vl/llava_instruct_2_mllm_demo_format.py"), str(tmp_path / "in.json"),
                         "--image-dir", str(tmp_path / "img"), "--image-prefix", "img", "-o", str(tmp_path / "out.json")],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr

@@ -33,8 +33,8 @@ def test_example_training_configs(size):
     script = (EX / f"finetune_qwen2_5_vl_{size}.sh").read_text()
     subprocess.run(["bash", "-n", str(EX / f"finetune_qwen2_5_vl_{size}.sh")], check=True)
     assert f"model_{size}.json" in script and f"data_{size}.json" in script and "-m mm_train.finetune" in script
-    assert f"TP={infer['tensor_model_parallel_size']}\n" in script
-    assert f"PP={len(infer['text_decoder']['pipeline_num_layers'])}\n" in script
+    assert f"TP=${{TP:-{infer['tensor_model_parallel_size']}}}\n" in script
+    assert f"PP=${{PP:-{len(infer['text_decoder']['pipeline_num_layers'])}}}\n" in script
 
 
 @pytest.mark.parametrize("family_args", [[], ["--family", "Qwen3-VL", "--variant", "moe", "--ep", "2"]],
@@ -49,13 +49,13 @@ def test_tiny_end_to_end_example(tmp_path, family_args):
 
 def _family_examples():
     sys.path.insert(0, str(EX.parent))
-    from make_family_examples import FOLDERS, LAYOUTS
-    return [(fam, size, FOLDERS[fam], *LAYOUTS[fam][size]) for fam in LAYOUTS for size in LAYOUTS[fam]]
+    from make_family_examples import FOLDERS, LAYOUTS, STEMS
+    return [(fam, size, FOLDERS[fam], STEMS[fam], *LAYOUTS[fam][size]) for fam in LAYOUTS for size in LAYOUTS[fam]]
 
 
-@pytest.mark.parametrize("fam,size,folder,tp,ep,llm,vit,repo", _family_examples(),
+@pytest.mark.parametrize("fam,size,folder,stem,tp,ep,llm,vit,repo", _family_examples(),
                          ids=[f"{f}-{s}" for f, s, *_ in _family_examples()])
-def test_family_examples_describe_the_published_models(fam, size, folder, tp, ep, llm, vit, repo):
+def test_family_examples_describe_the_published_models(fam, size, folder, stem, tp, ep, llm, vit, repo):
     """Each family's per-size examples: the inference and model jsons describe the published config's model,
     their layout fits it (sums, TP / EP divisibility), and the scripts parse and use that layout."""
     from mm_convert.testing import published_config_path
@@ -63,7 +63,7 @@ def test_family_examples_describe_the_published_models(fam, size, folder, tp, ep
     from mm_train.model import check_divisible
 
     d = EX.parent / folder
-    stem = f"{folder}_{size}"
+    stem = f"{stem}_{size}"
     infer = json.loads((d / f"inference_{stem}.json").read_text())
     model = json.loads((d / f"model_{size}.json").read_text())
     hf = ModelConfig.from_hf(published_config_path(size, fam))
@@ -78,7 +78,7 @@ def test_family_examples_describe_the_published_models(fam, size, folder, tp, ep
     convert = (d / f"convert_{stem}.sh").read_text()
     assert f"tp_size {tp}" in convert and f"llm_pp_layers [{','.join(map(str, llm))}]" in convert
     assert (f"ep_size {ep}" in convert) == (ep > 1) and repo in convert
-    assert f"TP={tp}\n" in (d / f"finetune_{stem}.sh").read_text()
+    assert f"TP=${{TP:-{tp}}}\n" in (d / f"finetune_{stem}.sh").read_text()
     assert load_data_config(d / f"data_{size}.json").model_name_or_path.endswith(repo)
 
 

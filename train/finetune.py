@@ -176,7 +176,7 @@ def check_layout_flags(args, cfg, layout, converter: str) -> None:
         vit = args.mm_layout[1] or [cfg.vision.depth]
         want = ParallelLayout.create(layout.tp_size, llm, vit, layout.vit_tp_size, ep_size=layout.ep_size)
         if (want.llm_pp_layers, want.vit_pp_layers) != (layout.llm_pp_layers, layout.vit_pp_layers):
-            have = layout.to_dict()
+            have = {k: _flat(v) for k, v in layout.to_dict().items()}
             raise LayoutError(
                 f"{args.mm_model}: pipeline_num_layers text_decoder {llm} / vision_encoder {vit}, but {args.load} "
                 f"is laid out llm_pp_layers {have['llm_pp_layers']} / vit_pp_layers {have['vit_pp_layers']}; fix "

@@ -23,9 +23,13 @@ from .config import ModelConfig, mm_pipeline_layers
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m mm_train.infer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="inference json (examples/qwen2.5vl/inference_qwen2_5_vl_*.json)")
+    p.add_argument("--config", "--mm-model", dest="config", required=True,
+                   help="inference json (examples/qwen2.5vl/inference_qwen2_5_vl_*.json)")
     p.add_argument("--load", help="MM checkpoint directory (json: load)")
-    p.add_argument("--tp", type=int, help="tensor parallel size (json: tensor_model_parallel_size)")
+    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int,
+                   help="tensor parallel size (json: tensor_model_parallel_size)")
+    p.add_argument("--pipeline-model-parallel-size", dest="pp", type=int,
+                   help="checked against the json's pipeline_num_layers")
     p.add_argument("--ep", type=int, help="expert parallel size of a MoE checkpoint (json: expert_model_parallel_size)")
     p.add_argument("--tokenizer", help="HF directory with tokenizer + image processor (json: tokenizer.from_pretrained)")
     p.add_argument("--image", help="image path (json: image_path); 'none' for a text-only prompt")
@@ -40,6 +44,10 @@ def parse_args(argv=None):
 def settings(args) -> dict:
     cfg_json = json.loads(Path(args.config).read_text())
     llm, vit = mm_pipeline_layers(cfg_json)
+    if args.pp is not None and args.pp != len(llm):
+        from mm_convert.errors import LayoutError
+        raise LayoutError(f"--pipeline-model-parallel-size {args.pp}, but {args.config}'s pipeline_num_layers "
+                          f"{llm} has {len(llm)} stages")
     image = args.image if args.image is not None else cfg_json.get("image_path")
     return {
         "json": cfg_json, "model": ModelConfig.from_mm(cfg_json),

@@ -1,12 +1,17 @@
-"""Turn LLaVA-Instruct-style JSON into the mllm format the trainer reads, dropping samples whose image is missing.
+"""LLaVA-Instruct-150K -> the mllm format the trainer reads (the articles' data step), dropping samples whose image
+is missing. Run from the directory holding ./data, with the articles' layout:
 
-    python examples/qwen2.5vl/llava_to_mllm.py llava_instruct_150k.json --image-dir data/COCO2017/train2017 \
-        --image-prefix COCO2017/train2017 -o data/mllm_format_llava_instruct_data.json
+    ./data/COCO2017/train2017/*.jpg  ./data/llava_instruct_150k.json
+    python examples/qwen2vl/llava_instruct_2_mllm_demo_format.py   # -> ./data/mllm_format_llava_instruct_data.json
+
+Image paths are written relative to data.json's dataset_dir (./data by default: COCO2017/train2017/<file>).
+An existing output is kept unless --overwrite is given; the output appears whole or not at all.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,17 +35,29 @@ def convert(items: list[dict], image_dir: Path, image_prefix: str) -> tuple[list
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("input")
-    ap.add_argument("--image-dir", required=True, help="where the images named by the input lie")
-    ap.add_argument("--image-prefix", default="", help="prefix written before each image path (relative to dataset_dir)")
-    ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("input", nargs="?", default="./data/llava_instruct_150k.json")
+    ap.add_argument("--image-dir", default="./data/COCO2017/train2017", help="where the images named by the input lie")
+    ap.add_argument("--image-prefix", default="COCO2017/train2017",
+                    help="prefix written before each image path (relative to data.json's dataset_dir)")
+    ap.add_argument("-o", "--output", default="./data/mllm_format_llava_instruct_data.json")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
     a = ap.parse_args(argv)
-    items = json.loads(Path(a.input).read_text())
+    out_path = Path(a.output)
+    if out_path.exists() and not a.overwrite:
+        print(f"{out_path} already exists: remove it, or pass --overwrite", file=sys.stderr)
+        return 2
+    try:
+        items = json.loads(Path(a.input).read_text())
+    except (OSError, ValueError) as e:
+        print(f"{a.input}: cannot read the LLaVA json ({e})", file=sys.stderr)
+        return 2
     out, skipped = convert(items, Path(a.image_dir), a.image_prefix)
-    Path(a.output).write_text(json.dumps(out, ensure_ascii=False, indent=1))
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(json.dumps(out, ensure_ascii=False, indent=1))
+    os.replace(tmp, out_path)
     for s in skipped[:20]:
         print(f"skipped: {s}", file=sys.stderr)
-    print(f"wrote {len(out)} samples to {a.output}; skipped {len(skipped)} (missing image or conversations)")
+    print(f"wrote {len(out)} samples to {out_path}; skipped {len(skipped)} (missing image or conversations)")
     return 0
 
 
