@@ -11,4 +11,4 @@ test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
 bench: setup
-	.venv/bin/python benchmarks/bench_convert.py --shape 3b
+	.venv/bin/python benchmarks/bench.py --shapes 3b --merge   # conversion vs cp -r + sync; results in benchmarks/results.md

@@ -152,7 +152,7 @@ def resolve_shape(shape: str, configs: Path = CONFIGS) -> tuple[Path, int | None
 
 def bench_shape(shape: str, work: Path, workers: int | None, configs: Path = CONFIGS) -> dict:
     from mm_convert.models import spec_for_model_type
-    from mm_convert.synthetic import write_synthetic_checkpoint
+    from mm_convert.testing.synthetic import write_synthetic_checkpoint
     cfg_path, cut = resolve_shape(shape, configs)
     tag = shape.replace(":", "-L")
     hf, mm, mm2, hf2 = (work / f"{tag}-{n}" for n in ("hf", "mm", "mm-resplit", "hf-back"))

@@ -9,7 +9,7 @@ A transposed piece (an expert's 2-D weight inside a fused 3-D HF tensor, either 
 rows its box spans into a slab kept for the blocks that read the same rows, and transposes the box's columns
 out of it with torch's blocked transpose (``_Blocks._fill_reshaped``).
 Blocks come from a small pool and are filled by a reader thread while the writer checksums and writes the
-previous one (both release the GIL), so reading and writing overlap. Memory is the pool (3 blocks), one
+previous one (both release the GIL), so reading and writing overlap. Memory is the pool (POOL_BLOCKS blocks, 8 by default), one
 scratch block and the interpreter, whatever the model or shard size; source pages are not mapped, so the
 page cache the reads fill is not part of the process's RSS.
 
@@ -254,7 +254,7 @@ class _Blocks:
         return TargetTensor(t.key, (shape[0] * shape[1],) + shape[2:], t.dtype, pieces, t.copy)
 
     @staticmethod
-    def rows_per_block(t: TargetTensor, locs: list[Loc | None], chunk: int) -> int:
+    def rows_per_block(t: TargetTensor, chunk: int) -> int:
         """Rows of ``t`` per block: at least ``chunk`` bytes (rounded up to whole rows; the manifest's hasher
         overlaps writes of 1 MiB and more). A dim-1 piece reads whole source rows into the scratch block, at
         most (source row / target row) times the block: the TP size."""
@@ -450,7 +450,7 @@ class _Prefetch:
                 t = blocks.flat(t, self.chunk)
                 locs = [self.sources.locate(p.src) for p in t.pieces]
                 rows = _dims(t.shape)[0]
-                step = _Blocks.rows_per_block(t, locs, self.chunk)
+                step = _Blocks.rows_per_block(t, self.chunk)
                 trow = prod(_dims(t.shape)[1:]) * t.dtype.itemsize
                 crc = 0
                 for r0 in range(0, rows, step):
@@ -708,7 +708,7 @@ def matches(t: TargetTensor, sources: Sources, actual: torch.Tensor, where: Loc 
         locs = [sources.locate(p.src) for p in t.pieces]
         rows = _dims(t.shape)[0]
         trow = prod(_dims(t.shape)[1:]) * t.dtype.itemsize
-        step = _Blocks.rows_per_block(t, locs, CHUNK_BYTES)
+        step = _Blocks.rows_per_block(t, CHUNK_BYTES)
         want = np.empty(step * trow, np.uint8)
         have = np.empty(step * trow, np.uint8)
         for r0 in range(0, rows if trow else 0, step):

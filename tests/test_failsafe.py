@@ -530,7 +530,7 @@ def _(e):
 @pytest.fixture(scope="module")
 def sources(tiny_hf, tmp_path_factory):
     from mm_convert import Qwen2_5_VLConverter
-    from mm_convert.synthetic import write_synthetic_checkpoint
+    from mm_convert.testing.synthetic import write_synthetic_checkpoint
     conv = Qwen2_5_VLConverter(progress=False)
     root = tmp_path_factory.mktemp("failsafe_src")
     from mm_convert.testing import make_tiny_hf_checkpoint

@@ -220,7 +220,7 @@ def test_expert_fast_path_round_trip_on_larger_experts(tmp_path, monkeypatch, ch
     import json
 
     import mm_convert.execute as execute
-    from mm_convert.synthetic import write_synthetic_checkpoint
+    from mm_convert.testing.synthetic import write_synthetic_checkpoint
     from mm_convert.testing import tiny_config_dict
 
     monkeypatch.setattr(execute, "CHUNK_BYTES", chunk)

@@ -57,7 +57,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def big_tensor_hf(tmp_path_factory):
-    from mm_convert.synthetic import write_synthetic_checkpoint
+    from mm_convert.testing.synthetic import write_synthetic_checkpoint
     root = tmp_path_factory.mktemp("mem")
     yield write_synthetic_checkpoint(CONFIG, root / "hf", layers=1, vit_layers=1)
     shutil.rmtree(root, ignore_errors=True)  # ~1 GB; pytest keeps its last runs' temp dirs

@@ -10,7 +10,7 @@ from mm_convert.testing import published_config_path
 
 @pytest.fixture(scope="module")
 def hf7b(tmp_path_factory):
-    from mm_convert.synthetic import write_synthetic_checkpoint
+    from mm_convert.testing.synthetic import write_synthetic_checkpoint
     return write_synthetic_checkpoint(published_config_path("7b"), tmp_path_factory.mktemp("hf7b"), layers=2, vit_layers=2,
                                       max_shard_size=1_500_000_000)
 

@@ -322,7 +322,7 @@ def test_tiny_processor_loads_offline(tmp_path):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from mm_convert.testing import tiny_config_dict
-    from mm_convert.tiny_tokenizer import SPECIAL_TOKENS, write_tiny_processor
+    from mm_convert.testing.tiny_tokenizer import SPECIAL_TOKENS, write_tiny_processor
 
     write_tiny_processor(tmp_path, "Qwen2_5_VLProcessor")
     tok = AutoTokenizer.from_pretrained(tmp_path)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def processors(tmp_path_factory):
-    from mm_convert.tiny_tokenizer import write_tiny_processor
+    from mm_convert.testing.tiny_tokenizer import write_tiny_processor
     from mm_train.inputs import load_processors
     d = tmp_path_factory.mktemp("proc")
     write_tiny_processor(d, "Qwen2_5_VLProcessor")

@@ -1,7 +1,7 @@
 """Shape-real synthetic HF checkpoints (random bf16, hub key names, hub-like shard files) written straight
 from a config, without building a model: for tests of real dimensions and for benchmarks.
 
-    python -m mm_convert.synthetic ../shared/configs/qwen2_5_vl/7b.json OUT [--layers 2 --vit-layers 2]
+    python -m mm_convert.testing.synthetic ../shared/configs/qwen2_5_vl/7b.json OUT [--layers 2 --vit-layers 2]
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .formats.hf import INDEX, from_legacy, write_index, write_safetensors
-from .models import spec_for_model_type
+from ..formats.hf import INDEX, from_legacy, write_index, write_safetensors
+from ..models import spec_for_model_type
 
 
 def write_synthetic_checkpoint(config_path: str | Path, out_dir: str | Path, *, layers: int | None = None,

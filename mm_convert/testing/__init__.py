@@ -12,9 +12,9 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from .models import FAMILIES
+from ..models import FAMILIES
 
-from .models import DEFAULT
+from ..models import DEFAULT
 
 DEFAULT_FAMILY = DEFAULT.NAME
 
@@ -103,7 +103,7 @@ def _set_dtype(cfg: dict, dtype: str) -> None:
 def _rewrite_tensors(out: Path, load_file, save_file, schemes: dict, scheme: str | None, fused: tuple) -> None:
     """Rename keys to another scheme and/or store fused expert tensors as the published files do
     (transposed: [experts, hidden, 2 x intermediate] and [experts, intermediate, hidden])."""
-    from .formats.hf import from_legacy, to_legacy
+    from ..formats.hf import from_legacy, to_legacy
 
     hub_experts = bool(fused)  # key suffixes of the fused expert tensors, to transpose into the hub layout
     if scheme is None and not hub_experts:
