@@ -117,6 +117,7 @@ def test_the_data_step_runs_with_the_articles_defaults(tmp_path):
     (tmp_path / "data" / "llava_instruct_150k.json").write_text(json.dumps(
         [{"id": "1", "image": "a.jpg", "conversations": turns}, {"id": "2", "image": "b.jpg", "conversations": turns}]))
     script = ROOT / "examples/qwen2vl/llava_instruct_2_mllm_demo_format.py"
+    (tmp_path / "data" / "mllm_format_llava_instruct_data.json").touch()  # the articles' step (3): create it, then run
     p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     out = json.loads((tmp_path / "data" / "mllm_format_llava_instruct_data.json").read_text())

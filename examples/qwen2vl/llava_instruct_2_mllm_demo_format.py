@@ -5,7 +5,8 @@ is missing. Run from the directory holding ./data, with the articles' layout:
     python examples/qwen2vl/llava_instruct_2_mllm_demo_format.py   # -> ./data/mllm_format_llava_instruct_data.json
 
 Image paths are written relative to data.json's dataset_dir (./data by default: COCO2017/train2017/<file>).
-An existing output is kept unless --overwrite is given; the output appears whole or not at all.
+The articles have you create the (empty) output file first: an empty one is filled; one with content is kept
+unless --overwrite is given. The output appears whole or not at all.
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
     a = ap.parse_args(argv)
     out_path = Path(a.output)
-    if out_path.exists() and not a.overwrite:
-        print(f"{out_path} already exists: remove it, or pass --overwrite", file=sys.stderr)
+    if out_path.exists() and out_path.stat().st_size > 0 and not a.overwrite:
+        print(f"{out_path} already exists and is not empty: remove it, or pass --overwrite", file=sys.stderr)
         return 2
     try:
         items = json.loads(Path(a.input).read_text())
