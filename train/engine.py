@@ -19,10 +19,10 @@ from mm_convert.layout import ParallelLayout
 from mm_convert.models.base import trainable_group
 from mm_convert.plan import slot_name
 
-from .checkpoint import load_strict, read_shard, shard_path
 from .config import ModelConfig, spec_of
 from .data import IGNORE
-from .model import Expert, ImageEncoder, MoE, StageModel, TextDecoder, check_divisible
+from .model import Expert, ImageEncoder, MoE, TextDecoder, check_divisible
+from .pipeline import forward_positions, load_stages
 from .recompute import Recompute
 from .parallel import ColumnLinear, Group, ParallelState, RowLinear, VocabEmbedding, init_parallel
 from .parallel import recv_tensors, send_tensors
@@ -41,18 +41,10 @@ class TrainModel:
         self.ps = ps or init_parallel(layout.tp_size, layout.pp_size, layout.vit_tp_size, dp_size, layout.ep_size)
         self.last = layout.last_position("llm")
         self.emb_group = self._embedding_group()
-        path = shard_path(mm_dir, self.ps.tp_rank, self.ps.pp_rank, layout.pp_size, self.ps.ep_rank, layout.ep_size)
-        self.stages: dict[int, StageModel] = {}
-        states = read_shard(path, layout.vpp_size)
-        self.save_dtype = next((t.dtype for st in states for t in st.values() if t.is_floating_point()),
-                               torch.float32)  # saves keep the checkpoint's dtype
-        for v, state in enumerate(states):
-            pos = layout.position(v, self.ps.pp_rank)
-            with torch.device("meta"):
-                stage = StageModel(cfg, layout, pos, self.ps)
-            load_strict(stage, {k: t.clone().float() for k, t in state.items()}, f"{path} [{slot_name(v, layout.vpp_size)}]")
-            stage.to(self.ps.device).train()
-            trains = {"vision": train_vit, "projector": train_projector, "llm": train_llm}
+        self.stages, self.save_dtype = load_stages(cfg, layout, mm_dir, self.ps, prepare=lambda t: t.clone().float())
+        trains = {"vision": train_vit, "projector": train_projector, "llm": train_llm}
+        for stage in self.stages.values():  # saves keep the checkpoint's dtype (save_dtype); training runs in fp32
+            stage.train()
             for name, p in stage.named_parameters():
                 p.requires_grad_(trains[trainable_group(self.spec, name)])
             for m in stage.modules():
@@ -62,7 +54,6 @@ class TrainModel:
                     m.recompute = (recompute or {}).get("llm", Recompute())
                 if isinstance(m, MoE):
                     m.shared_tokens = False  # each data-parallel rank brings its own tokens
-            self.stages[pos] = stage
         # experts differ between the ranks of an EP group: their gradients are reduced over the ranks holding
         # the same experts (expert data parallel), everything else over all data-parallel ranks
         self.experts = {id(p) for s in self.stages.values() for m in s.modules() if isinstance(m, Expert)
@@ -139,23 +130,24 @@ class TrainModel:
         neighbouring stages). Returns what its backward needs. Several forwards may run before their backwards
         (GPipe: the next stage works on micro-batch m while this one computes m + 1), in the same order on
         every rank, so the blocking sends and receives always pair up."""
-        me, ps = self.ps.pp_rank, self.ps
-        saved, loss = {}, None
-        payload: dict = {}
-        for pos in (p for p in range(self.last + 1) if self.owner(p) == me):
-            if pos > 0 and self.owner(pos - 1) != me:
-                payload = recv_tensors(ps.global_rank(ps.tp_rank, self.owner(pos - 1)), ps.device)
+        saved: dict = {}
+        loss = None
+
+        def run(pos: int, payload: dict) -> dict:
+            nonlocal loss
             inputs = dict(payload)
-            with torch.autocast(ps.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            with torch.autocast(self.ps.device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
                 payload = self.stages[pos](dict(payload), batch, None)
-            if pos < self.last and self.owner(pos + 1) != me:
-                send_tensors(payload, ps.global_rank(ps.tp_rank, self.owner(pos + 1)), ps.device)
             if pos == self.last:  # the loss right away: only its graph is kept, not a second copy of the logits
                 logits = payload.pop("logits").float()[:, :-1]
                 labels = batch["labels"][:, 1:].to(logits.device)
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                        ignore_index=IGNORE, reduction="sum")
             saved[pos] = (inputs, payload)
+            return payload
+
+        forward_positions(self.ps, self.layout, self.last, run)
         return {"saved": saved, "loss": loss, "denom": denom}
 
     def backward(self, ctx: dict) -> torch.Tensor | None:
