@@ -34,7 +34,7 @@ def launch_local(module: str, args: list[str], nprocs: int, *, timeout: float | 
     with tempfile.TemporaryDirectory(prefix="mm_runtime_") as tmp:
         base = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                 "WORLD_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs), ERROR_DIR_ENV: tmp}
-        base.setdefault("OMP_NUM_THREADS", "1")  # N ranks on few cores: avoid oversubscription
+        # no OMP_NUM_THREADS here: each rank takes its share of the cores (configure_threads)
         procs, logs = [], []
         for r in range(nprocs):
             log = open(Path(tmp) / f"rank{r}.log", "w+")
@@ -77,10 +77,42 @@ def _our_error(name: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, errors.MMConvertError)
 
 
+def thread_plan(cores: int, local_ranks: int, omp_env: str | None) -> tuple[int, str | None]:
+    """(intra-op threads for one rank, a note to print once or None). Each of the node's ``local_ranks`` ranks
+    gets ``cores // local_ranks`` threads unless OMP_NUM_THREADS is set; a setting that leaves cores idle
+    (torchrun sets 1 when it starts several ranks) is kept and said."""
+    share = max(1, cores // max(1, local_ranks))
+    if not omp_env:
+        return share, None
+    try:
+        threads = max(1, int(omp_env))
+    except ValueError:
+        return share, f"OMP_NUM_THREADS={omp_env!r} is not a number: ignored, {share} threads per rank"
+    idle = cores - threads * local_ranks
+    if idle > 0:
+        return threads, (f"OMP_NUM_THREADS={threads} x {local_ranks} local ranks leaves {idle} of {cores} cores "
+                         f"idle (torchrun sets 1 by default); unset it to give each rank {share}")
+    return threads, None
+
+
+def configure_threads() -> int:
+    """Set this rank's torch threads by :func:`thread_plan`; local rank 0 prints the note, once."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads, note = thread_plan(cores, int(os.environ.get("LOCAL_WORLD_SIZE", 1)), os.environ.get("OMP_NUM_THREADS"))
+    torch.set_num_threads(threads)
+    if note and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        print(f"[threads] {note}", file=sys.stderr, flush=True)
+    return threads
+
+
 def worker_main(fn, *args) -> None:
-    """Run ``fn(*args)`` in a rank; on an exception record it for the launcher and exit non-zero."""
+    """Run ``fn(*args)`` in a rank (its threads set first, see :func:`configure_threads`); on an exception record
+    it for the launcher and exit non-zero."""
     import torch.distributed as dist
 
+    configure_threads()
     try:
         fn(*args)
     except BaseException as e:
