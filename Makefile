@@ -1,5 +1,5 @@
 # The two commands of the README. Each sets up .venv first (idempotent).
-.PHONY: demo test setup bench
+.PHONY: demo test setup bench test-floor
 
 setup:
 	@bash scripts/setup.sh
@@ -12,3 +12,6 @@ test: setup
 
 bench: setup
 	.venv/bin/python benchmarks/bench.py --shapes 3b --merge   # conversion vs cp -r + sync; results in benchmarks/results.md
+
+test-floor:  # the transformers-facing tests on the declared floor release (a second venv, .venv-floor)
+	@bash scripts/test_floor.sh
