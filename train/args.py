@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient norm clip (0: off)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
-                   help="shard the AdamW state over data-parallel ranks (ZeRO-1), saved per DP rank as distrib_optim.pt")
+                   help="shard the AdamW state over data-parallel ranks (ZeRO-1); saves gather it into distrib_optim.pt "
+                   "beside each model_optim_rng.pt (Megatron's legacy format)")
     g.add_argument("--enable-dummy-optimizer", action="store_true",
                    help="let pipeline stages whose parameters are all frozen run (their optimizer has nothing to do)")
     g.add_argument("--recompute-granularity", choices=GRANULARITIES, help="the LLM's activation recomputation")
