@@ -148,12 +148,13 @@ def test_training_step_equals_transformers(model, key, hf, mm, tmp_path):
     assert_step_equal(loss, got, ref_loss, ref)
 
 
-@pytest.mark.parametrize("key", [(1, 1, 2), (2, 2, 2)], ids=["tp1-ep2", "tp2-pp2-ep2"])
+@pytest.mark.parametrize("key", [(1, 1, 2), (2, 2, 2), (1, 1, 1)], ids=["tp1-ep2", "tp2-pp2-ep2", "tp1-dp2-ep1"])
 def test_training_step_with_expert_parallelism(key, hf, tmp_path):
     """EP ranks are data-parallel ranks with their own batches (here: the image sample on one, the text sample
     on the other); the MoE layers gather the EP group's tokens for every rank's experts. Loss and every
     gradient equal transformers' on both samples together; expert gradients come back from each EP rank's
-    shard, the rest reduced over data parallel."""
+    shard, the rest reduced over data parallel. Without EP (ep 1, two data-parallel ranks) the experts'
+    gradients are summed over data parallel like every other."""
     from test_train_step import make_batch
 
     from mm_train.batch import collate

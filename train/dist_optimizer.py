@@ -20,8 +20,8 @@ pieces of matrices are decayed, of biases and norm weights not.
 Expert parallelism: each expert's parameters are replicated over the expert-data-parallel group (the ranks
 holding the same experts, over which ``reduce_grads`` sums their gradients); they go into separate buffers
 sharded over that group, the dense ones over the whole DP group (Megatron's second, expert optimizer). Where
-``reduce_grads`` sums expert gradients over no group (ep == dp, or ep == 1) expert parameters stay unsharded:
-each rank steps its own copy, as the replicated optimizer does.
+``reduce_grads`` sums expert gradients over no group (ep == dp) expert parameters stay unsharded: each rank
+steps its own copy, as the replicated optimizer does. Without EP (ep 1) experts are summed and sharded over DP.
 
 Checkpoint (Megatron's legacy torch format, ``get_parameter_state_dp_zero`` / ``save_parameter_state``): at a
 save the shards of each buffer are gathered on rank 0 of its group, which writes ``distrib_optim.pt`` beside
@@ -134,7 +134,7 @@ class DistributedOptimizer:
     def __init__(self, args, tm):
         ps = tm.ps
         self.buffers: dict[str, list[FlatBuffer]] = {"dense": [], "expert": []}
-        self.groups = {"dense": ps.dp, "expert": ps.expert_dp}
+        self.groups = {"dense": ps.dp, "expert": ps.expert_dp if tm.layout.ep_size > 1 else ps.dp}
         self.params = [p for _, _, p in tm.named_parameters() if p.requires_grad]
         by: dict[tuple[str, str], list] = {}
         for slot, n, p in tm.named_parameters():

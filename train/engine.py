@@ -170,18 +170,24 @@ class TrainModel:
         return ctx["loss"].detach() if ctx["loss"] is not None else None
 
     # ---- after the micro-batches -----------------------------------------------------------------------------
+    def grad_group(self, p) -> Group | None:
+        """The ranks whose gradients of ``p`` are summed: with expert parallelism an expert's are summed over the
+        ranks holding the same experts (expert data parallel), everything else over data parallel (None: a
+        group of one)."""
+        if id(p) in self.experts and self.layout.ep_size > 1:
+            return self.ps.expert_dp
+        return self.ps.dp
+
     def reduce_grads(self) -> None:
         """Sum gradients over DP replicas and over the two copies of a tied embedding."""
         params = self.parameters()
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if self.ps.dp is not None:
-            for p in params:
-                if id(p) not in self.experts:
-                    dist.all_reduce(p.grad, group=self.ps.dp.group)
-                elif self.ps.expert_dp is not None:
-                    dist.all_reduce(p.grad, group=self.ps.expert_dp.group)
+        for p in params:
+            group = self.grad_group(p)
+            if group is not None:
+                dist.all_reduce(p.grad, group=group.group)
         if self.emb_group is not None:
             for _, n, p in self.named_parameters():
                 if n in self.spec.TIED_PAIR:
