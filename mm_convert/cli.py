@@ -6,9 +6,12 @@
 
 Options use the dotted ``--cfg.*`` names of MindSpeed-MM's converter; ``--config file.yaml`` supplies the
 same keys (``mm_dir``, ``hf_config: {hf_dir}``, ``parallel_config: {...}``, optionally under ``cfg:``).
+Every command is one click command below, shared by the converter groups (``ctx.obj``: the group's converter
+class); ``plan`` runs a writing command's own function with ``dry_run=True``.
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -19,6 +22,7 @@ import click
 
 from .converter import CONVERTERS, Result, VerifyReport
 from .errors import MMConvertError, Terminated
+from .layout import LayoutOptions
 
 LAYOUT_HELP = {
     "tp_size": "tensor-parallel size (LLM; also the vision encoder unless vit_tp_size is set)",
@@ -28,31 +32,37 @@ LAYOUT_HELP = {
     "ep_size": "expert-parallel size (MoE models): each MoE layer's experts split evenly over EP ranks, "
                "shards mp_rank_TT[_PPP]_EEE",
 }
+LAYOUT_DEFAULTS = {"tp_size": 1, "vit_tp_size": 0, "ep_size": 1}  # where a command builds the layout
+WRITING = ("hf_to_mm", "mm_to_hf", "resplit", "hf_to_dcp", "dcp_to_hf")  # the commands plan dry-runs
 
 
+# ---- options ---------------------------------------------------------------------------------------------
 def _cfg(dotted: str, param: str, *aliases: str, **kw):
-    """A ``--cfg.<dotted>`` option stored in ``param``; remembered for --config files. ``aliases``: other
+    """A ``--cfg.<dotted>`` option stored in ``param`` (also a key of --config files). ``aliases``: other
     spellings of the option (MindSpeed-MM's own names where they differ)."""
-    def deco(f):
-        f.__dict__.setdefault("_cfg_keys", {})[dotted] = param
-        return click.option(f"--cfg.{dotted}", *aliases, param, **kw)(f)
-    return deco
+    return click.option(f"--cfg.{dotted}", *aliases, param, **kw)
 
 
-def _layout_options(prefix: str, param_prefix: str, required_tp: bool):
+def _cfg_keys(command: click.Command) -> dict[str, str]:
+    """The command's ``--cfg.*`` options: dotted key -> parameter name."""
+    return {opt[len("--cfg."):]: p.name for p in command.params for opt in p.opts if opt.startswith("--cfg.")}
+
+
+def _layout_options(dotted: str, param: str, defaults: bool):
+    """The five ``--cfg.<dotted>.*`` options, handed to the command as one LayoutOptions in ``param``
+    (``defaults``: tp 1, vision TP as tp, ep 1 where not given, for a layout the command builds)."""
     def deco(f):
+        @functools.wraps(f)
+        def command(**kw):
+            kw[param] = LayoutOptions(**{key: kw.pop(f"{param}_{key}") for key in LAYOUT_HELP})
+            return f(**kw)
         for key in reversed(list(LAYOUT_HELP)):
-            default = None
-            if required_tp and key == "tp_size":
-                default = 1
-            if required_tp and key == "vit_tp_size":
-                default = 0
-            if required_tp and key == "ep_size":
-                default = 1
+            default = LAYOUT_DEFAULTS.get(key) if defaults else None
             typ = int if key.endswith("_size") else str
-            f = _cfg(f"{prefix}.{key}", f"{param_prefix}{key}", type=typ, default=default, show_default=default is not None,
-                     metavar="N" if typ is int else "LIST", help=LAYOUT_HELP[key])(f)
-        return f
+            command = _cfg(f"{dotted}.{key}", f"{param}_{key}", type=typ, default=default,
+                           show_default=default is not None, metavar="N" if typ is int else "LIST",
+                           help=LAYOUT_HELP[key])(command)
+        return command
     return deco
 
 
@@ -78,7 +88,7 @@ def _load_config(ctx: click.Context, _param, value):
     if not isinstance(doc, dict):
         raise click.BadParameter(f"{value}: expected a mapping of cfg keys")
     doc = doc.get("cfg", doc)
-    keys = ctx.command.callback.__dict__.get("_cfg_keys", {})
+    keys = _cfg_keys(ctx.command)
     defaults = {}
     for dotted, v in _flatten(doc).items():
         if dotted not in keys:
@@ -96,31 +106,24 @@ def _common(f):
     return f
 
 
-def _no_verify_source(f):
-    return click.option("--no-verify-source", "no_verify_source", is_flag=True,
-                        help="skip the source check: by default the CRC-32 of every byte read from an MM shard is "
-                             "compared with the one torch's zip format stores with it (a few percent of CPU, no "
-                             "extra reads), and a mismatch stops the command before anything is renamed into place")(f)
+_overwrite = click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
+_no_verify_source = click.option(
+    "--no-verify-source", "no_verify_source", is_flag=True,
+    help="skip the source check: by default the CRC-32 of every byte read from an MM shard is compared with the one "
+         "torch's zip format stores with it (a few percent of CPU, no extra reads), and a mismatch stops the command "
+         "before anything is renamed into place")
+_resume = click.option("--resume", is_flag=True,
+                       help="continue an interrupted run: finished files whose size and sha256 match its journal "
+                            "are kept (same plan only), the rest is redone")
+_workers = click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="processes writing output files in parallel [default: the machine's cores; under "
+                             "torchrun the ranks also split the files among themselves]")
+_max_shard_size = _cfg("max_shard_size", "max_shard_size", default="5GB", show_default=True, metavar="SIZE",
+                       help="largest safetensors file (e.g. 5GB, 500MB, 2GiB)")
 
 
-def _resume(f):
-    return click.option("--resume", is_flag=True,
-                        help="continue an interrupted run: finished files whose size and sha256 match its journal "
-                             "are kept (same plan only), the rest is redone")(f)
-
-
-def _workers(f):
-    def keep(ctx, _param, value):
-        ctx.meta["mm_convert.workers"] = value
-        return value
-    return click.option("--workers", type=click.IntRange(min=1), default=None, expose_value=False, callback=keep,
-                        metavar="N", help="processes writing output files in parallel [default: the machine's cores; "
-                                          "under torchrun the ranks also split the files among themselves]")(f)
-
-
-def _run(ctx: click.Context, fn):
+def _run(debug: bool, fn):
     """Call into the API; errors become one line on stderr and a non-zero exit (traceback with --debug)."""
-    debug = ctx.params.get("debug")
     try:
         return fn()
     except MMConvertError as e:
@@ -139,6 +142,25 @@ def _run(ctx: click.Context, fn):
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         click.echo(f"mm-convert: error: {where}{e.strerror or e}", err=True)
         sys.exit(1)
+
+
+def _converter(**kw):
+    """The converter class of the group this command runs under, made with ``kw``."""
+    return click.get_current_context().obj(**kw)
+
+
+def _writes(f):
+    """A writing command: ``f(conv, dry_run=..., **options) -> Result``. Run as itself it writes (progress bar,
+    summary); run by ``plan`` with ``dry_run=True`` it writes nothing and prints the plan (``verbose``: every
+    tensor's pieces)."""
+    @_overwrite
+    @_resume
+    @functools.wraps(f)
+    def command(*, workers, quiet, debug, dry_run: bool = False, verbose: bool = False, **options):
+        conv = _converter(progress=not quiet and not dry_run, workers=workers)
+        r = _run(debug, lambda: f(conv, dry_run=dry_run, **options))
+        _print_result(r, quiet and not dry_run, verbose=verbose, dry_run=dry_run)
+    return command
 
 
 def _print_result(r: Result, quiet: bool, verbose: bool = False, dry_run: bool = False) -> None:
@@ -173,6 +195,181 @@ def _print_result(r: Result, quiet: bool, verbose: bool = False, dry_run: bool =
             con.print(n)
 
 
+# ---- commands --------------------------------------------------------------------------------------------
+@click.command("hf_to_mm")
+@_cfg("mm_dir", "mm_dir", required=True, metavar="DIR", help="output MM checkpoint directory")
+@_cfg("hf_config.hf_dir", "hf_dir", required=True, metavar="DIR", help="input Hugging Face checkpoint (config.json + safetensors)")
+@_layout_options("parallel_config", "layout", defaults=True)
+@_cfg("save_format", "save_format", default="torch", show_default=True, type=click.Choice(["torch", "torch_dist"]),
+      help="torch: mp_rank_* shards in the layout given; torch_dist: Megatron's distributed checkpoint "
+           "(global tensors, any TP / PP chosen when Megatron loads it)")
+@_writes
+@_workers
+@_common
+def hf_to_mm(conv, mm_dir, hf_dir, layout, save_format, overwrite, resume, dry_run) -> Result:
+    """Convert an HF checkpoint into MM shards (release/mp_rank_*/model_optim_rng.pt), or with
+    --cfg.save_format torch_dist into Megatron's torch_dist format (release/*.distcp + .metadata).
+
+    Every tensor is placed by the layer lists and split by the TP size; the layout is checked against
+    config.json first (sums, shapes, vision before LLM, TP divisibility)."""
+    return conv.hf_to_mm(hf_dir, mm_dir, layout, save_format=save_format, overwrite=overwrite, resume=resume,
+                         dry_run=dry_run)
+
+
+@click.command("mm_to_hf")
+@_cfg("mm_dir", "mm_dir", required=True, metavar="DIR", help="input MM checkpoint (release or a training save)")
+@_cfg("save_hf_dir", "save_hf_dir", required=True, metavar="DIR", help="output Hugging Face directory")
+@_cfg("hf_config.hf_dir", "hf_dir", metavar="DIR",
+      help="original HF directory: config, tokenizer, processor and chat template are copied from it "
+           "(optional when mm_dir was written by mm_convert, which records the config)")
+@_layout_options("parallel_config", "layout", defaults=False)
+@_max_shard_size
+@_writes
+@_no_verify_source
+@_workers
+@_common
+def mm_to_hf(conv, mm_dir, save_hf_dir, hf_dir, layout, max_shard_size, overwrite, resume, no_verify_source,
+             dry_run) -> Result:
+    """Convert MM shards back to HF safetensors (sharded, with an index), keeping dtypes and the key scheme.
+
+    The layout is read off the shards; --cfg.parallel_config.* values, if given, are checked against it."""
+    return conv.mm_to_hf(mm_dir, save_hf_dir, hf_dir, layout, max_shard_size=max_shard_size, overwrite=overwrite,
+                         resume=resume, verify_source=not no_verify_source, dry_run=dry_run)
+
+
+@click.command("resplit")
+@_cfg("source_dir", "source_dir", required=True, metavar="DIR", help="input MM checkpoint")
+@_cfg("target_dir", "target_dir", required=True, metavar="DIR", help="output MM checkpoint")
+@_cfg("hf_config.hf_dir", "hf_dir", metavar="DIR", help="HF directory for config.json (optional when source_dir was written by mm_convert)")
+@_layout_options("source_parallel_config", "source_layout", defaults=False)
+@_layout_options("target_parallel_config", "layout", defaults=True)
+@_writes
+@_no_verify_source
+@_workers
+@_common
+def resplit(conv, source_dir, target_dir, hf_dir, source_layout, layout, overwrite, resume, no_verify_source,
+            dry_run) -> Result:
+    """Reshard MM shards to another TP / PP / virtual-pipeline layout directly, without HF files in between.
+
+    The source layout is read off its shards (--cfg.source_parallel_config.* values are checked against it)."""
+    return conv.resplit(source_dir, target_dir, layout, source_layout=source_layout, hf_dir=hf_dir,
+                        overwrite=overwrite, resume=resume, verify_source=not no_verify_source, dry_run=dry_run)
+
+
+@click.command("hf_to_dcp")
+@_cfg("dcp_dir", "dcp_dir", "--dcp_dir", required=True, metavar="DIR",
+      help="output DCP checkpoint directory (release/ + latest_checkpointed_iteration.txt)")
+@_cfg("hf_config.hf_dir", "hf_dir", "--hf_dir", required=True, metavar="DIR",
+      help="input Hugging Face checkpoint (config.json + safetensors)")
+@_writes
+@_workers
+@_common
+def hf_to_dcp(conv, dcp_dir, hf_dir, overwrite, resume, dry_run) -> Result:
+    """Convert an HF checkpoint into MindSpeed-MM's FSDP2 checkpoint: a torch.distributed.checkpoint
+    directory (release/.metadata + __K_0.distcp) of {"model": {...}, "checkpoint_version": 3.0}, the HF
+    keys under the model prefix, fused expert tensors viewed 2-D."""
+    return conv.hf_to_dcp(hf_dir, dcp_dir, overwrite=overwrite, resume=resume, dry_run=dry_run)
+
+
+@click.command("dcp_to_hf")
+@_cfg("dcp_dir", "dcp_dir", "--load_dir", required=True, metavar="DIR",
+      help="input DCP checkpoint: the directory with latest_checkpointed_iteration.txt, or the iteration "
+           "directory holding .metadata")
+@_cfg("save_hf_dir", "save_hf_dir", "--save_dir", required=True, metavar="DIR", help="output Hugging Face directory")
+@_cfg("hf_config.hf_dir", "hf_dir", "--model_assets_dir", metavar="DIR",
+      help="original HF directory: config, tokenizer, processor and chat template are copied from it, and "
+           "its weights' key scheme and expert layout are kept (optional when dcp_dir was written by mm_convert)")
+@_max_shard_size
+@_writes
+@_workers
+@_common
+def dcp_to_hf(conv, dcp_dir, save_hf_dir, hf_dir, max_shard_size, overwrite, resume, dry_run) -> Result:
+    """Convert MindSpeed-MM's FSDP2 checkpoint (DCP) back to HF safetensors (sharded, with an index):
+    expert tensors back to 3-D, the model prefix stripped, every key checked against config.json."""
+    return conv.dcp_to_hf(dcp_dir, save_hf_dir, hf_dir, max_shard_size=max_shard_size, overwrite=overwrite,
+                          resume=resume, dry_run=dry_run)
+
+
+@click.command("verify")
+@_cfg("mm_dir", "mm_dir", required=True, metavar="DIR",
+      help="checkpoint to check (an MM checkpoint, or without --cfg.hf_config.hf_dir any mm_convert output)")
+@_cfg("hf_config.hf_dir", "hf_dir", metavar="DIR",
+      help="HF checkpoint it was converted from; without it only the manifest (sizes, sha256) is checked")
+@_layout_options("parallel_config", "layout", defaults=False)
+@_common
+def verify(mm_dir, hf_dir, layout, quiet, debug):
+    """Check an output against its mm_convert_manifest.json (every file's size and sha256; the first mismatch
+    is named) and, given the HF source, every MM tensor bit for bit, plus a coverage report naming any missing
+    or unexpected key. Exits 1 on any difference."""
+    conv = _converter(progress=not quiet)
+    rep: VerifyReport = _run(debug, lambda: conv.verify(hf_dir, mm_dir, layout))
+    for what, items in (("mismatched", rep.mismatched), ("missing", rep.missing), ("unexpected", rep.unexpected),
+                        ("HF tensor not covered", rep.unused_hf)):
+        for k in items:
+            click.echo(f"{what}: {k}", err=True)
+    if rep.manifest_error:
+        click.echo(f"manifest mismatch: {rep.manifest_error}", err=True)
+    click.echo(rep.summary(), err=not rep.ok)
+    sys.exit(0 if rep.ok else 1)
+
+
+class _GroupCommand(click.Choice):
+    """A writing command of the converter group ``plan`` runs under (hf_to_dcp, dcp_to_hf only where the family
+    has them): the choices are checked and shown as that group has them."""
+
+    def _of(self, ctx: click.Context | None) -> click.Choice:
+        while ctx is not None and not isinstance(ctx.command, click.Group):
+            ctx = ctx.parent
+        return click.Choice([c for c in self.choices if ctx is None or c in ctx.command.commands])
+
+    def convert(self, value, param, ctx):
+        return self._of(ctx).convert(value, param, ctx)
+
+    def get_metavar(self, param, ctx=None):
+        return self._of(ctx).get_metavar(param, ctx)
+
+
+@click.command("plan", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                         "help_option_names": []})
+@click.argument("command", type=_GroupCommand(WRITING))
+@click.option("--verbose", "-v", is_flag=True, help="list every tensor and the source boxes it is made of")
+@click.pass_context
+def plan(ctx, command, verbose):
+    """Dry run of hf_to_mm, mm_to_hf, resplit (hf_to_dcp, dcp_to_hf where the family has them; same options):
+    per-file tensors and bytes; writes nothing.
+
+    Example: mm-convert Qwen2_5_VLConverter plan hf_to_mm --cfg.mm_dir OUT --cfg.hf_config.hf_dir HF ..."""
+    sub = ctx.parent.command.commands[command]
+    sub_ctx = sub.make_context(command, list(ctx.args), parent=ctx)
+    sub_ctx.invoke(sub.callback, **sub_ctx.params, dry_run=True, verbose=verbose)
+
+
+@click.command("check_logits")
+@_cfg("mm_dir", "mm_dir", required=True, metavar="DIR", help="MM checkpoint to run with the bundled runtime")
+@_cfg("hf_config.hf_dir", "hf_dir", required=True, metavar="DIR", help="HF checkpoint to run with transformers")
+@_layout_options("parallel_config", "layout", defaults=False)
+@click.option("--tolerance", type=float, default=1e-5, show_default=True, help="largest allowed max abs logit difference")
+@_common
+def check_logits(mm_dir, hf_dir, layout, tolerance, quiet, debug):
+    """Run transformers on the HF checkpoint and the bundled runtime (tp x pp local processes) on the MM
+    checkpoint with the same image + text input; print the max abs logit difference, exit 1 above --tolerance."""
+    def go():
+        from mm_train.check_logits import check_logits as run_check
+        return run_check(mm_dir, hf_dir, tp_size=layout.tp_size, llm_pp_layers=layout.llm_pp_layers,
+                         vit_pp_layers=layout.vit_pp_layers, tolerance=tolerance, vit_tp_size=layout.vit_tp_size,
+                         ep_size=layout.ep_size, log=lambda s: None if quiet else click.echo(s))
+    diff = _run(debug, go)
+    click.echo(f"max abs logit difference: {diff:.3e} (tolerance {tolerance:.1e})")
+
+
+def _group(name: str, cls) -> click.Group:
+    """The commands of one converter class (``ctx.obj`` in them); the FSDP2 ones where its family has them."""
+    dcp = (hf_to_dcp, dcp_to_hf) if getattr(cls.spec, "DCP_KEY_SCHEME", None) else ()
+    return click.Group(name, [hf_to_mm, mm_to_hf, resplit, *dcp, verify, plan, check_logits],
+                       context_settings={"obj": cls},
+                       help=f"{cls.__doc__.strip()}\n\nRun `mm-convert {name} COMMAND --help` for a command's options.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="mm_convert")
 def main():
@@ -192,222 +389,15 @@ def main():
     """
 
 
-def _make_group(name: str, cls) -> click.Group:
-    @click.group(name=name, help=f"{cls.__doc__.strip()}\n\nRun `mm-convert {name} COMMAND --help` for a command's options.")
-    def group():
-        pass
-
-    @group.command("hf_to_mm")
-    @_cfg("mm_dir", "mm_dir", required=True, metavar="DIR", help="output MM checkpoint directory")
-    @_cfg("hf_config.hf_dir", "hf_dir", required=True, metavar="DIR", help="input Hugging Face checkpoint (config.json + safetensors)")
-    @_layout_options("parallel_config", "", True)
-    @_cfg("save_format", "save_format", default="torch", show_default=True, type=click.Choice(["torch", "torch_dist"]),
-          help="torch: mp_rank_* shards in the layout given; torch_dist: Megatron's distributed checkpoint "
-               "(global tensors, any TP / PP chosen when Megatron loads it)")
-    @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
-    @_resume
-    @_workers
-    @_common
-    @click.pass_context
-    def hf_to_mm(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, ep_size, save_format, overwrite,
-                 resume, quiet, debug):
-        """Convert an HF checkpoint into MM shards (release/mp_rank_*/model_optim_rng.pt), or with
-        --cfg.save_format torch_dist into Megatron's torch_dist format (release/*.distcp + .metadata).
-
-        Every tensor is placed by the layer lists and split by the TP size; the layout is checked against
-        config.json first (sums, shapes, vision before LLM, TP divisibility)."""
-        conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
-        r = _run(ctx, lambda: conv.hf_to_mm(hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                            ep_size=ep_size, save_format=save_format, overwrite=overwrite, resume=resume))
-        _print_result(r, quiet)
-
-    @group.command("mm_to_hf")
-    @_cfg("mm_dir", "mm_dir", required=True, metavar="DIR", help="input MM checkpoint (release or a training save)")
-    @_cfg("save_hf_dir", "save_hf_dir", required=True, metavar="DIR", help="output Hugging Face directory")
-    @_cfg("hf_config.hf_dir", "hf_dir", metavar="DIR",
-          help="original HF directory: config, tokenizer, processor and chat template are copied from it "
-               "(optional when mm_dir was written by mm_convert, which records the config)")
-    @_layout_options("parallel_config", "", False)
-    @_cfg("max_shard_size", "max_shard_size", default="5GB", show_default=True, metavar="SIZE",
-          help="largest safetensors file (e.g. 5GB, 500MB, 2GiB)")
-    @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
-    @_resume
-    @_no_verify_source
-    @_workers
-    @_common
-    @click.pass_context
-    def mm_to_hf(ctx, mm_dir, save_hf_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, ep_size,
-                 max_shard_size, overwrite, resume, no_verify_source, quiet, debug):
-        """Convert MM shards back to HF safetensors (sharded, with an index), keeping dtypes and the key scheme.
-
-        The layout is read off the shards; --cfg.parallel_config.* values, if given, are checked against it."""
-        conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
-        r = _run(ctx, lambda: conv.mm_to_hf(mm_dir, save_hf_dir, hf_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                            ep_size=ep_size, max_shard_size=max_shard_size, overwrite=overwrite,
-                                            verify_source=not no_verify_source,
-                                            resume=resume))
-        _print_result(r, quiet)
-
-    @group.command("resplit")
-    @_cfg("source_dir", "source_dir", required=True, metavar="DIR", help="input MM checkpoint")
-    @_cfg("target_dir", "target_dir", required=True, metavar="DIR", help="output MM checkpoint")
-    @_cfg("hf_config.hf_dir", "hf_dir", metavar="DIR", help="HF directory for config.json (optional when source_dir was written by mm_convert)")
-    @_layout_options("source_parallel_config", "source_", False)
-    @_layout_options("target_parallel_config", "", True)
-    @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
-    @_resume
-    @_no_verify_source
-    @_workers
-    @_common
-    @click.pass_context
-    def resplit(ctx, source_dir, target_dir, hf_dir, source_tp_size, source_vit_tp_size, source_llm_pp_layers,
-                source_vit_pp_layers, source_ep_size, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, ep_size, overwrite,
-                resume, no_verify_source, quiet, debug):
-        """Reshard MM shards to another TP / PP / virtual-pipeline layout directly, without HF files in between.
-
-        The source layout is read off its shards (--cfg.source_parallel_config.* values are checked against it)."""
-        conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
-        r = _run(ctx, lambda: conv.resplit(source_dir, target_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                           ep_size=ep_size, source_ep_size=source_ep_size, verify_source=not no_verify_source,
-                                           source_tp_size=source_tp_size, source_llm_pp_layers=source_llm_pp_layers,
-                                           source_vit_pp_layers=source_vit_pp_layers, source_vit_tp_size=source_vit_tp_size,
-                                           hf_dir=hf_dir, overwrite=overwrite, resume=resume))
-        _print_result(r, quiet)
-
-    dcp = bool(getattr(cls.spec, "DCP_KEY_SCHEME", None))  # MindSpeed-MM's FSDP2 checkpoints (DCP directories)
-    if dcp:
-        @group.command("hf_to_dcp")
-        @_cfg("dcp_dir", "dcp_dir", "--dcp_dir", required=True, metavar="DIR",
-              help="output DCP checkpoint directory (release/ + latest_checkpointed_iteration.txt)")
-        @_cfg("hf_config.hf_dir", "hf_dir", "--hf_dir", required=True, metavar="DIR",
-              help="input Hugging Face checkpoint (config.json + safetensors)")
-        @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
-        @_resume
-        @_workers
-        @_common
-        @click.pass_context
-        def hf_to_dcp(ctx, dcp_dir, hf_dir, overwrite, resume, quiet, debug):
-            """Convert an HF checkpoint into MindSpeed-MM's FSDP2 checkpoint: a torch.distributed.checkpoint
-            directory (release/.metadata + __K_0.distcp) of {"model": {...}, "checkpoint_version": 3.0}, the HF
-            keys under the model prefix, fused expert tensors viewed 2-D."""
-            conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
-            r = _run(ctx, lambda: conv.hf_to_dcp(hf_dir, dcp_dir, overwrite=overwrite, resume=resume))
-            _print_result(r, quiet)
-
-        @group.command("dcp_to_hf")
-        @_cfg("dcp_dir", "dcp_dir", "--load_dir", required=True, metavar="DIR",
-              help="input DCP checkpoint: the directory with latest_checkpointed_iteration.txt, or the iteration "
-                   "directory holding .metadata")
-        @_cfg("save_hf_dir", "save_hf_dir", "--save_dir", required=True, metavar="DIR",
-              help="output Hugging Face directory")
-        @_cfg("hf_config.hf_dir", "hf_dir", "--model_assets_dir", metavar="DIR",
-              help="original HF directory: config, tokenizer, processor and chat template are copied from it, and "
-                   "its weights' key scheme and expert layout are kept (optional when dcp_dir was written by mm_convert)")
-        @_cfg("max_shard_size", "max_shard_size", default="5GB", show_default=True, metavar="SIZE",
-              help="largest safetensors file (e.g. 5GB, 500MB, 2GiB)")
-        @click.option("--overwrite", is_flag=True, help="replace an existing non-empty output directory as a whole")
-        @_resume
-        @_workers
-        @_common
-        @click.pass_context
-        def dcp_to_hf(ctx, dcp_dir, save_hf_dir, hf_dir, max_shard_size, overwrite, resume, quiet, debug):
-            """Convert MindSpeed-MM's FSDP2 checkpoint (DCP) back to HF safetensors (sharded, with an index):
-            expert tensors back to 3-D, the model prefix stripped, every key checked against config.json."""
-            conv = cls(progress=not quiet, workers=ctx.meta.get("mm_convert.workers"))
-            r = _run(ctx, lambda: conv.dcp_to_hf(dcp_dir, save_hf_dir, hf_dir, max_shard_size=max_shard_size,
-                                                 overwrite=overwrite, resume=resume))
-            _print_result(r, quiet)
-
-    @group.command("verify")
-    @_cfg("mm_dir", "mm_dir", required=True, metavar="DIR",
-          help="checkpoint to check (an MM checkpoint, or without --cfg.hf_config.hf_dir any mm_convert output)")
-    @_cfg("hf_config.hf_dir", "hf_dir", metavar="DIR",
-          help="HF checkpoint it was converted from; without it only the manifest (sizes, sha256) is checked")
-    @_layout_options("parallel_config", "", False)
-    @_common
-    @click.pass_context
-    def verify(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, ep_size, quiet, debug):
-        """Check an output against its mm_convert_manifest.json (every file's size and sha256; the first mismatch
-        is named) and, given the HF source, every MM tensor bit for bit, plus a coverage report naming any missing
-        or unexpected key. Exits 1 on any difference."""
-        conv = cls(progress=not quiet)
-        rep: VerifyReport = _run(ctx, lambda: conv.verify(hf_dir, mm_dir, tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size,
-                                                          ep_size=ep_size))
-        for what, items in (("mismatched", rep.mismatched), ("missing", rep.missing), ("unexpected", rep.unexpected),
-                            ("HF tensor not covered", rep.unused_hf)):
-            for k in items:
-                click.echo(f"{what}: {k}", err=True)
-        if rep.manifest_error:
-            click.echo(f"manifest mismatch: {rep.manifest_error}", err=True)
-        click.echo(rep.summary(), err=not rep.ok)
-        sys.exit(0 if rep.ok else 1)
-
-    @group.command("plan", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                             "help_option_names": []})
-    @click.argument("command", type=click.Choice(["hf_to_mm", "mm_to_hf", "resplit"]
-                                                 + (["hf_to_dcp", "dcp_to_hf"] if dcp else [])))
-    @click.option("--verbose", "-v", is_flag=True, help="list every tensor and the source boxes it is made of")
-    @click.pass_context
-    def plan(ctx, command, verbose):
-        """Dry run of hf_to_mm, mm_to_hf, resplit (hf_to_dcp, dcp_to_hf where the family has them; same options):
-        per-file tensors and bytes; writes nothing.
-
-        Example: mm-convert Qwen2_5_VLConverter plan hf_to_mm --cfg.mm_dir OUT --cfg.hf_config.hf_dir HF ..."""
-        sub = group.commands[command]
-        sub_ctx = sub.make_context(command, list(ctx.args), parent=ctx)
-        p = sub_ctx.params
-        conv = cls(progress=False)
-        calls = {
-            "hf_to_mm": lambda: conv.hf_to_mm(p["hf_dir"], p["mm_dir"], p["tp_size"], p["llm_pp_layers"], p["vit_pp_layers"],
-                                              p["vit_tp_size"], ep_size=p["ep_size"], save_format=p["save_format"],
-                                              dry_run=True),
-            "mm_to_hf": lambda: conv.mm_to_hf(p["mm_dir"], p["save_hf_dir"], p["hf_dir"], p["tp_size"], p["llm_pp_layers"],
-                                              p["vit_pp_layers"], p["vit_tp_size"], ep_size=p["ep_size"],
-                                              max_shard_size=p["max_shard_size"], dry_run=True),
-            "resplit": lambda: conv.resplit(p["source_dir"], p["target_dir"], p["tp_size"], p["llm_pp_layers"], p["vit_pp_layers"],
-                                            p["vit_tp_size"], ep_size=p["ep_size"], source_ep_size=p["source_ep_size"],
-                                            source_tp_size=p["source_tp_size"],
-                                            source_llm_pp_layers=p["source_llm_pp_layers"],
-                                            source_vit_pp_layers=p["source_vit_pp_layers"],
-                                            source_vit_tp_size=p["source_vit_tp_size"], hf_dir=p["hf_dir"], dry_run=True),
-            "hf_to_dcp": lambda: conv.hf_to_dcp(p["hf_dir"], p["dcp_dir"], dry_run=True),
-            "dcp_to_hf": lambda: conv.dcp_to_hf(p["dcp_dir"], p["save_hf_dir"], p["hf_dir"],
-                                                max_shard_size=p["max_shard_size"], dry_run=True),
-        }
-        r = _run(sub_ctx, calls[command])
-        _print_result(r, False, verbose=verbose, dry_run=True)
-
-    @group.command("check_logits")
-    @_cfg("mm_dir", "mm_dir", required=True, metavar="DIR", help="MM checkpoint to run with the bundled runtime")
-    @_cfg("hf_config.hf_dir", "hf_dir", required=True, metavar="DIR", help="HF checkpoint to run with transformers")
-    @_layout_options("parallel_config", "", False)
-    @click.option("--tolerance", type=float, default=1e-5, show_default=True, help="largest allowed max abs logit difference")
-    @_common
-    @click.pass_context
-    def check_logits(ctx, mm_dir, hf_dir, tp_size, vit_tp_size, llm_pp_layers, vit_pp_layers, ep_size, tolerance, quiet,
-                     debug):
-        """Run transformers on the HF checkpoint and the bundled runtime (tp x pp local processes) on the MM
-        checkpoint with the same image + text input; print the max abs logit difference, exit 1 above --tolerance."""
-        def go():
-            from mm_train.check_logits import check_logits as run_check
-            return run_check(mm_dir, hf_dir, tp_size=tp_size, llm_pp_layers=llm_pp_layers, vit_pp_layers=vit_pp_layers,
-                             tolerance=tolerance, vit_tp_size=vit_tp_size, ep_size=ep_size,
-                             log=lambda s: None if quiet else click.echo(s))
-        diff = _run(ctx, go)
-        click.echo(f"max abs logit difference: {diff:.3e} (tolerance {tolerance:.1e})")
-
-    return group
-
-
 for _name, _cls in CONVERTERS.items():
-    main.add_command(_make_group(_name, _cls))
+    main.add_command(_group(_name, _cls))
 main.help = main.help.replace("{converters}", ", ".join(CONVERTERS))
 
 
 def _split_glued(argv: list[str]) -> list[str]:
     """Accept ``--cfg.mm_dir"ckpt/..."`` as typed in some guides (the shell glues value to option)."""
-    known = sorted({f"--cfg.{k}" for c in main.commands.values() for cmd in c.commands.values()
-                    for k in cmd.callback.__dict__.get("_cfg_keys", {})}, key=len, reverse=True)
+    known = sorted({f"--cfg.{k}" for c in main.commands.values() for cmd in c.commands.values() for k in _cfg_keys(cmd)},
+                   key=len, reverse=True)
     out = []
     for a in argv:
         for k in known:

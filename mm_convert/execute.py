@@ -36,6 +36,7 @@ from .formats import hf as hf_format
 from .formats import mm as mm_format
 from .formats.torch_stream import StreamedTensor, crc32
 from .integrity import ReadLog
+from .manifest import OutputDir
 from .plan import HF, OutputFile, Piece, Ref, TargetTensor, to_src
 
 CHUNK_BYTES = int(os.environ.get("MM_CONVERT_CHUNK_BYTES", 1 << 20))
@@ -133,19 +134,19 @@ def read_piece(sources: "Sources", p: Piece, src_start, shape) -> torch.Tensor:
     return (x.transpose(-1, -2) if p.transpose else x).reshape(shape)
 
 
-def write_file(f: OutputFile, root: Path, writer, sources: Sources, on_bytes: Callable[[int], None]) -> int:
-    """Write one planned output file under ``root`` with ``writer`` (a format's writer object:
-    formats.hf.SafetensorsWriter, formats.mm.ShardWriter); returns its size."""
-    path = root / f.path
+def write_file(f: OutputFile, out: OutputDir, writer, sources: Sources, on_bytes: Callable[[int], None]) -> int:
+    """Write one planned output file into ``out`` (journaled there) with ``writer``, a format's writer object
+    (formats.hf.SafetensorsWriter, formats.mm.ShardWriter, ...); returns its size."""
+    path = out.path / f.path
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = list(f.tensors)
     index = {(s, j): i for i, (s, j) in enumerate((s, j) for s, ts in f.slots.items() for j in range(len(ts)))}
-    with _Prefetch(tensors, sources, on_bytes, crc=writer.zip_records) as pre:
-        size = writer.write(path, {s: [(t.key, t.dtype, t.shape) for t in ts] for s, ts in f.slots.items()},
-                            lambda s, j: pre.stream(index[(s, j)]))
+    with _Prefetch(tensors, sources, on_bytes, crc=writer.zip_records) as pre, out.open(f.path) as fh:
+        writer.write(fh, {s: [(t.key, t.dtype, t.shape) for t in ts] for s, ts in f.slots.items()},
+                     lambda s, j: pre.stream(index[(s, j)]))
     if getattr(sources, "sole", None):  # written and fsynced: its pages are clean, free them (use-once)
         _drop_cache(path)
-    return size
+    return fh.size
 
 
 def _drop_cache(path: Path) -> None:
@@ -523,12 +524,12 @@ def default_workers() -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def run_files(files: list[OutputFile], root: Path, writer, sources: Sources, on_bytes: Callable[[int], None],
+def run_files(files: list[OutputFile], out: OutputDir, writer, sources: Sources, on_bytes: Callable[[int], None],
               workers: int = 1) -> int:
-    """Write ``files`` under ``root``: in this process, or split among ``workers`` forked processes."""
+    """Write ``files`` into ``out``: in this process, or split among ``workers`` forked processes."""
     workers = max(1, min(workers, len(files)))
     if workers == 1:
-        return sum(write_file(f, root, writer, sources, on_bytes) for f in files)
+        return sum(write_file(f, out, writer, sources, on_bytes) for f in files)
     import multiprocessing as mp
     sources.locate_all(files)  # once, before forking: the workers inherit the locations
     ctx = mp.get_context("fork")
@@ -541,7 +542,7 @@ def run_files(files: list[OutputFile], root: Path, writer, sources: Sources, on_
     try:
         for k, idx in enumerate(assign(files, workers)):
             rx, tx = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker, args=([files[i] for i in idx], root, writer, sources, done, k, tx, os.getpid()),
+            p = ctx.Process(target=_worker, args=([files[i] for i in idx], out, writer, sources, done, k, tx, os.getpid()),
                             name=f"mm_convert-worker-{k}", daemon=True)
             p.start()
             tx.close()
@@ -626,7 +627,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker(files, root, writer, sources, done, k, tx, parent: int) -> None:
+def _worker(files, out, writer, sources, done, k, tx, parent: int) -> None:
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(1)
@@ -636,7 +637,7 @@ def _worker(files, root, writer, sources, done, k, tx, parent: int) -> None:
     def advance(n: int) -> None:
         done[k] += n
     try:
-        total = sum(write_file(f, root, writer, sources, advance) for f in files)
+        total = sum(write_file(f, out, writer, sources, advance) for f in files)
         tx.send(("ok", (total, sources.log)))  # the ranges this worker read, for the parent's integrity check
     except BaseException as e:
         try:

@@ -6,7 +6,7 @@ order, chunk ``v`` of stage ``p`` is position ``v * pp + p``. Layer indices rest
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 from .errors import LayoutError
@@ -185,6 +185,48 @@ class ParallelLayout:
         return {"tp_size": self.tp_size, "vit_tp_size": self.vit_tp_size, **({"ep_size": self.ep_size} if self.ep_size > 1 else {}),
                 "llm_pp_layers": [list(c) for c in self.llm_pp_layers],
                 "vit_pp_layers": [list(c) for c in self.vit_pp_layers]}
+
+
+@dataclass(frozen=True)
+class LayoutOptions:
+    """A layout as a user states it (the ``--cfg.*parallel_config.*`` options, the API's ``layout=``): values left
+    None are not given. ``resolve`` makes the ParallelLayout once the model's layer counts are known (no layer
+    lists: every layer on one stage); for a checkpoint read off its shards, the values given are checked instead."""
+    tp_size: int | None = None          # the fields and their order are ParallelLayout's
+    llm_pp_layers: object = None
+    vit_pp_layers: object = None
+    vit_tp_size: int | None = None
+    ep_size: int | None = None
+
+    @classmethod
+    def of(cls, layout: "ParallelLayout | LayoutOptions | None", values: dict, prefix: str = "") -> "LayoutOptions":
+        """``layout``, or the same values given one by one as keywords (``prefix`` + field name, taken out of
+        ``values``): the API's convenience; not both."""
+        given = {f.name: values.pop(prefix + f.name) for f in fields(cls) if prefix + f.name in values}
+        if layout is not None and any(v is not None for v in given.values()):
+            raise TypeError(f"give the layout as {prefix}layout= or as {prefix}tp_size= ... keywords, not both")
+        if isinstance(layout, ParallelLayout):
+            return cls(layout.tp_size, layout.llm_pp_layers, layout.vit_pp_layers, layout.vit_tp_size, layout.ep_size)
+        return layout if layout is not None else cls(**given)
+
+    @property
+    def constrains(self) -> bool:
+        """Whether any value a checkpoint's shards must match is given (vit_tp_size alone never was checked)."""
+        return any(v is not None for v in (self.tp_size, self.llm_pp_layers, self.vit_pp_layers, self.ep_size))
+
+    def over(self, found: ParallelLayout) -> "LayoutOptions":
+        """These values, those not given taken from ``found``."""
+        return replace(self, **{f.name: getattr(found, f.name) for f in fields(self) if getattr(self, f.name) is None})
+
+    def resolve(self, llm_layers: int, vit_layers: int, prefix: str) -> ParallelLayout:
+        """The ParallelLayout (tp 1, vision TP as tp, ep 1 and one stage where not given), its shape checked."""
+        return ParallelLayout.create(_given(self.tp_size, 1), self.llm_pp_layers, self.vit_pp_layers,
+                                     _given(self.vit_tp_size, 0), ep_size=_given(self.ep_size, 1),
+                                     llm_layers=llm_layers, vit_layers=vit_layers, prefix=prefix)
+
+
+def _given(value, default):
+    return default if value is None else value
 
 
 def _fmt(lists) -> str:

@@ -18,6 +18,7 @@ import json
 import os
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError, MMConvertError, load_json_object
@@ -85,10 +86,25 @@ class HashingWriter:
         return self.fh.fileno()
 
 
+@dataclass(frozen=True)
+class OutputDir:
+    """A directory being written inside the temporary output directory, and the ``journal`` that records each file
+    finished in it (None: nothing is journaled). Whatever writes the output's files is handed one."""
+    path: Path
+    journal: Path | None = None
+
+    def __truediv__(self, name: str) -> "OutputDir":
+        return OutputDir(self.path / name, self.journal)
+
+    def open(self, rel: str):
+        """:func:`open_output` of ``rel`` (below ``path``), journaled."""
+        return open_output(self.path / rel, self.journal)
+
+
 @contextmanager
-def open_output(path: str | os.PathLike):
+def open_output(path: str | os.PathLike, journal: Path | None = None):
     """Open ``path`` for writing through a :class:`HashingWriter`. On success the file is flushed, fsynced and
-    recorded (size, sha256) in the journal of the output directory it lies in, if any; on failure it is removed."""
+    recorded (size, sha256) in ``journal``, if given; on failure it is removed."""
     path = Path(path)
     try:
         fh = open(path, "wb")
@@ -109,17 +125,11 @@ def open_output(path: str | os.PathLike):
         except OSError:
             pass
         raise
-    record_written(path, w.size, w.sha.hexdigest())
+    if journal is not None:
+        record_written(journal, path, w.size, w.sha.hexdigest())
 
 
 # ---- journal ---------------------------------------------------------------------------------------------
-def _journal_root(path: Path, depth: int = 6) -> Path | None:
-    for d in list(path.parents)[:depth]:
-        if (d / JOURNAL).is_file():
-            return d
-    return None
-
-
 def _append(journal: Path, doc: dict) -> None:
     line = (json.dumps(doc, separators=(",", ":")) + "\n").encode()
     fd = os.open(journal, os.O_WRONLY | os.O_APPEND)
@@ -130,11 +140,10 @@ def _append(journal: Path, doc: dict) -> None:
         os.close(fd)
 
 
-def record_written(path: Path, size: int, sha256: str) -> None:
-    """Append a finished file to the journal of the output directory holding it (nothing when there is none)."""
-    root = _journal_root(Path(path).absolute())
-    if root is not None:
-        _append(root / JOURNAL, {"path": Path(path).absolute().relative_to(root).as_posix(), "size": size, "sha256": sha256})
+def record_written(journal: Path, path: Path, size: int, sha256: str) -> None:
+    """Append a finished file to ``journal``, by its path relative to the journal's directory."""
+    root = Path(journal).absolute().parent
+    _append(Path(journal), {"path": Path(path).absolute().relative_to(root).as_posix(), "size": size, "sha256": sha256})
 
 
 def start_journal(tmp: Path, plan_id: str, entries: dict[str, dict] | None = None) -> None:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import MMConvertError
-from .manifest import MANIFEST, read_journal, resume_entries, start_journal
+from .manifest import JOURNAL, MANIFEST, OutputDir, read_journal, resume_entries, start_journal
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -46,7 +46,8 @@ def check_target(target: str | os.PathLike, option: str, sources: list[str | os.
 @contextmanager
 def atomic_output_dir(target: str | os.PathLike, option: str, sources: list[str | os.PathLike], overwrite: bool = False,
                       *, resume: bool = False, plan_id: str | None = None):
-    """Yield a temporary sibling directory; on success it replaces ``target`` as a whole."""
+    """Yield a temporary sibling directory (an OutputDir, with its journal when there is a ``plan_id``); on success
+    it replaces ``target`` as a whole."""
     target = check_target(target, option, sources, overwrite)
     for a in target.parents:
         if a.exists():
@@ -79,14 +80,15 @@ def atomic_output_dir(target: str | os.PathLike, option: str, sources: list[str 
         raise MMConvertError(f"{option} {target}: cannot write in {target.parent} ({e.strerror or e}); "
                              f"expected a writable location")
     try:
-        yield from _finish(tmp, target, lock)
+        yield from _finish(OutputDir(tmp, tmp / JOURNAL if plan_id else None), target, lock)
     finally:
         _unlock(lock)
 
 
-def _finish(tmp: Path, target: Path, lock):
+def _finish(out: OutputDir, target: Path, lock):
+    tmp = out.path
     try:
-        yield tmp
+        yield out
         _fsync_dir(tmp)
         for d in tmp.rglob("*"):
             if d.is_dir():

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from .errors import CheckpointError, LayoutError
+from .formats.mm import shard_path, slot_name  # the format names the shards and chunks
 from .layout import ParallelLayout
 
 HF = ""  # Ref.file of a tensor of the HF checkpoint (its reader knows which .safetensors holds it)
@@ -146,21 +147,6 @@ class OutputFile:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
-
-
-# ---- MM layout naming ------------------------------------------------------------------------------------
-def shard_dir(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
-    """Megatron's names: ``mp_rank_TT``, ``_PPP`` when pp > 1, then ``_EEE`` when ep > 1."""
-    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
-
-
-def shard_path(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
-    return f"{shard_dir(tp_rank, pp_rank, pp_size, ep_rank, ep_size)}/model_optim_rng.pt"
-
-
-def slot_name(vpp_rank: int, vpp_size: int) -> str:
-    return "model" if vpp_size == 1 else f"model{vpp_rank}"
 
 
 # ---- HF -> MM -------------------------------------------------------------------------------------------
@@ -378,6 +364,15 @@ def greedy_cut(tensors: list[TargetTensor], limit: int) -> list[list[TargetTenso
         groups[-1].append(t)
         size += t.nbytes
     return groups
+
+
+def cut_files(tensors: list[TargetTensor], slot: str, limit: int, name: Callable[[int], str],
+              first_info: dict | None = None) -> list[OutputFile]:
+    """Tensors in order as files ``name(k)`` of at most ``limit`` bytes each (torch_dist / DCP record files); the
+    cut depends on the tensors only, so the output does not depend on the number of writers. ``first_info``:
+    the first file's ``info``."""
+    return [OutputFile(name(k), {slot: ts}, dict(first_info or {}) if k == 0 else {})
+            for k, ts in enumerate(greedy_cut(tensors, limit))]
 
 
 def check_coverage(files: list[OutputFile]) -> None:

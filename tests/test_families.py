@@ -179,14 +179,15 @@ def test_published_configs_refuse_impossible_sizes(fam, size, tp, ep, message):
     """Real sizes (the bundled published configs): an impossible TP / EP is refused in one line naming them."""
     import json
 
-    from mm_convert.converter import BoundModel
+    from mm_convert.checkpoint import BoundModel, checked_layout
+    from mm_convert.layout import LayoutOptions
     from mm_convert.testing import family, published_config_path
 
     spec = family(fam)
     cfg = spec.config_from_hf(json.loads(published_config_path(size, fam).read_text()), size)
-    conv = CONVERTERS[spec.CONVERTER](progress=False)
+    want = LayoutOptions(tp, [cfg.text.num_layers], [cfg.vision.depth], ep_size=ep)
     with pytest.raises(LayoutError, match=message) as e:
-        conv._layout(BoundModel(spec, cfg), tp, [cfg.text.num_layers], [cfg.vision.depth], 0, "--cfg.parallel_config", ep)
+        checked_layout(BoundModel(spec, cfg), want, "--cfg.parallel_config")
     assert "\n" not in str(e.value)
 
 

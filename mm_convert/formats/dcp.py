@@ -19,19 +19,21 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import CheckpointError
-from ..manifest import open_output
-from ..plan import OutputFile, Ref, TargetTensor
 from . import dist
 from . import mm as mm_format
+
+if TYPE_CHECKING:
+    from ..plan import OutputFile, Ref
 
 STATE_KEY = "model"  # the entry of the saved state dict holding the model's tensors
 CHECKPOINT_VERSION = mm_format.CHECKPOINT_VERSION
 ITERATION = "release"
-FILE_BYTES = 5 * 10**9  # records per .distcp file, at most (one file per writer process)
+FILE_BYTES = dist.FILE_BYTES
 
 
 def object_record(value) -> bytes:
@@ -41,11 +43,10 @@ def object_record(value) -> bytes:
     return buf.getvalue()
 
 
-def output_files(tensors: list[TargetTensor], limit: int = FILE_BYTES) -> list[OutputFile]:
-    """The record files of a DCP output holding ``tensors`` under STATE_KEY; the first file also holds the
-    byte record of ``checkpoint_version`` (its info's ``objects``: [(key, bytes)], written before the tensors)."""
-    return dist.record_files(tensors, STATE_KEY, limit,
-                             {"objects": [("checkpoint_version", object_record(CHECKPOINT_VERSION))]})
+def first_file_info() -> dict:
+    """The ``info`` of a DCP output's first record file: it also holds the byte record of ``checkpoint_version``
+    (``objects``: [(key, bytes)], written before the tensors)."""
+    return {"objects": [("checkpoint_version", object_record(CHECKPOINT_VERSION))]}
 
 
 def resolve_dir(dcp_dir, option: str = "--cfg.dcp_dir") -> tuple[Path, Path]:
@@ -121,13 +122,15 @@ class DCPWriter:
     def __init__(self, planned: list[OutputFile]):
         self.objects = {f.path: list(f.info.get("objects", ())) for f in planned}
 
-    def write(self, path: Path, slots, produce) -> int:
+    def write(self, fh, slots, produce) -> None:
         ((slot, entries),) = slots.items()
-        with open_output(path) as fh:
-            for _, data in self.objects.get(Path(path).name, ()):
-                fh.write(data)
-            dist.write_tensor_records(fh, [(dtype, shape) for _, dtype, shape in entries], lambda i: produce(slot, i))
-        return fh.size
+        for _, data in self.objects.get(fh.path.name, ()):
+            fh.write(data)
+        dist.write_tensor_records(fh, [(dtype, shape) for _, dtype, shape in entries], lambda i: produce(slot, i))
+
+    def finish(self, it_dir: Path, planned: list[OutputFile]) -> None:
+        """``.metadata`` beside the record files (after they are written)."""
+        (Path(it_dir) / dist.DCP_METADATA).write_bytes(metadata(planned))
 
 
 def metadata(planned: list[OutputFile]) -> bytes:
@@ -150,8 +153,3 @@ def metadata(planned: list[OutputFile]) -> bytes:
                 nesting[fqn] = (slot, t.key)
                 pos += length
     return dist.build_metadata(tensors, chunks, objects, nesting)
-
-
-def write_metadata(it_dir: Path, planned: list[OutputFile]) -> None:
-    """``.metadata`` beside the record files (after they are written)."""
-    (Path(it_dir) / dist.DCP_METADATA).write_bytes(metadata(planned))

@@ -24,21 +24,22 @@ import zipfile
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..plan import OutputFile, Ref, TargetTensor, greedy_cut, shard_path
 from . import safe_pickle
-from ..manifest import open_output
 from .torch_stream import _STORAGE_NAMES, StreamedTensor, TensorSpec, _write_archive, _ZipWriter
+
+if TYPE_CHECKING:
+    from ..plan import Ref
 
 META_JSON = "metadata.json"
 DCP_METADATA = ".metadata"
 COMMON = "common.pt"
-SHARD = shard_path(0, 0, 1)  # the one virtual shard a torch_dist checkpoint reads as
+FILE_BYTES = 5 * 10**9  # records per .distcp file, at most (one file per writer process)
 _STACKED = re.compile(r"^(.*\.layers\.)(?!\d+\.)(.+)$")  # "<block>.layers.<name>", name not starting with a number
 _VIRTUAL = re.compile(r"^(.*\.layers\.)(\d+)\.(.+)$")
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -304,9 +305,6 @@ class DistReader:
         return sorted({os.path.relpath(c.path, self.iter_dir) for g in self.tensors.values() for c in g.chunks}
                       | {DCP_METADATA, META_JSON} | {n for n in (COMMON, OBJECTS) if (self.iter_dir / n).is_file()})
 
-    def shard_paths(self) -> list[str]:
-        return [SHARD]
-
     def slots(self, rel: str) -> dict[str, dict[str, torch.Tensor]]:
         """{"model": {virtual key: meta tensor (shape and dtype only)}}."""
         return {"model": self._meta}
@@ -517,23 +515,24 @@ def _global_shapes(files) -> dict[str, GlobalTensor]:
     return out
 
 
-def record_files(tensors: list[TargetTensor], slot: str, limit: int, first_info: dict | None = None) -> list[OutputFile]:
-    """Planned tensors as DCP record files ``__K_0.distcp`` of at most ``limit`` bytes each (a tensor larger
-    than the limit gets a file of its own), in order; the cut depends on the tensors only, so the output does
-    not depend on the number of writer processes. ``first_info``: the first file's ``info``."""
-    groups = greedy_cut(tensors, limit)
-    return [OutputFile(f"__{k}_0.distcp", {slot: ts}, dict(first_info or {}) if k == 0 else {})
-            for k, ts in enumerate(groups)]
+def record_file_name(k: int) -> str:
+    """The K-th record file of a checkpoint written by one rank: ``__K_0.distcp``."""
+    return f"__{k}_0.distcp"
 
 
 class DistWriter:
     """Writes one planned file of a torch_dist output: chunk records (no CRC to compute while streaming;
-    each record is a small zip whose own CRC the record writer computes)."""
+    each record is a small zip whose own CRC the record writer computes); ``common``: what common.pt holds."""
 
     zip_records = False
 
-    def write(self, path: Path, slots, produce) -> int:
-        entries = slots["model"]
-        with open_output(path) as fh:
-            write_records(fh, entries, lambda i: produce("model", i))
-        return fh.size
+    def __init__(self, common: dict | None = None):
+        self.common = common or {}
+
+    def write(self, fh, slots, produce) -> None:
+        write_records(fh, slots["model"], lambda i: produce("model", i))
+
+    def finish(self, it_dir: Path, planned) -> None:
+        """The side files, once the planned record files are written."""
+        write_side_files(it_dir, [(f.path, [(t.key, t.dtype, t.shape) for t in f.slots["model"]]) for f in planned],
+                         self.common)

@@ -210,8 +210,19 @@ def _check_data_size(path: Path) -> tuple[int, dict]:
 # ---- writer ----------------------------------------------------------------------------------------------
 def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                       produce: Callable[[int], torch.Tensor], metadata: dict | None = None) -> int:
-    """Write a safetensors file tensor by tensor: the header comes from (name, dtype, shape) alone, then
-    ``produce(i)`` supplies tensor i, whose bytes are written and dropped. Returns bytes written."""
+    """Write a safetensors file at ``path`` (not journaled: for files outside a command's output). Returns bytes
+    written."""
+    with open_output(path) as f:  # hashed as written, fsynced; removed on failure
+        write_safetensors_to(f, entries, produce, metadata)
+    return f.size
+
+
+def write_safetensors_to(f, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                         produce: Callable[[int], torch.Tensor], metadata: dict | None = None) -> None:
+    """Write a safetensors file into the open file ``f`` (``f.path``: its name) tensor by tensor: the header
+    comes from (name, dtype, shape) alone, then ``produce(i)`` supplies tensor i, whose bytes are written and
+    dropped."""
+    path = f.path
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, dtype, shape in entries:
@@ -220,22 +231,20 @@ def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, torch.dt
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned
-    with open_output(path) as f:  # hashed as written, fsynced, journaled (manifest.py); removed on failure
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for i, (name, dtype, shape) in enumerate(entries):
-            t = produce(i)
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"{path}: {name} came out as {t.dtype} {tuple(t.shape)}, planned {dtype} {tuple(shape)}")
-            if isinstance(t, StreamedTensor):  # bytes in row blocks: never whole in memory
-                n, start = _numel(shape) * dtype.itemsize, f.tell()
-                for chunk in t.chunks():
-                    f.write(chunk)
-                if f.tell() - start != n:
-                    raise CheckpointError(f"{path}: {name} came out as {f.tell() - start} bytes, planned {n}")
-            else:
-                write_tensor_bytes(f, t)
-    return 8 + len(blob) + offset
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for i, (name, dtype, shape) in enumerate(entries):
+        t = produce(i)
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{path}: {name} came out as {t.dtype} {tuple(t.shape)}, planned {dtype} {tuple(shape)}")
+        if isinstance(t, StreamedTensor):  # bytes in row blocks: never whole in memory
+            n, start = _numel(shape) * dtype.itemsize, f.tell()
+            for chunk in t.chunks():
+                f.write(chunk)
+            if f.tell() - start != n:
+                raise CheckpointError(f"{path}: {name} came out as {f.tell() - start} bytes, planned {n}")
+        else:
+            write_tensor_bytes(f, t)
 
 
 def write_tensor_bytes(f, t: torch.Tensor) -> None:
@@ -256,10 +265,16 @@ def write_index(path: str | os.PathLike, weight_map: dict[str, str], total_size:
 
 
 class SafetensorsWriter:
-    """Writes one planned HF file: a safetensors file with one slot ("") of tensors."""
+    """Writes one planned HF file: a safetensors file with one slot ("") of tensors; the index beside them."""
 
     zip_records = False  # no per-record CRC to compute while streaming
 
-    def write(self, path, slots: dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]]],
-              produce: Callable[[str, int], torch.Tensor]) -> int:
-        return write_safetensors(path, slots[""], lambda i: produce("", i))
+    def write(self, fh, slots: dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]]],
+              produce: Callable[[str, int], torch.Tensor]) -> None:
+        write_safetensors_to(fh, slots[""], lambda i: produce("", i))
+
+    def finish(self, out_dir: Path, planned) -> None:
+        """The index, once the planned files are written (when there are several)."""
+        if len(planned) > 1:
+            write_index(Path(out_dir) / INDEX, {t.key: f.path for f in planned for t in f.tensors},
+                        sum(f.nbytes for f in planned))

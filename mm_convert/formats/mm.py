@@ -13,16 +13,17 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..errors import CheckpointError
 from ..layout import ParallelLayout
-from ..plan import Ref, shard_path
-from ..manifest import open_output
 from . import dist, safe_pickle
 from .torch_stream import TensorSpec, _archive_name, _first_line, _write_archive, _ZipWriter
+
+if TYPE_CHECKING:
+    from ..plan import Ref
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
@@ -30,6 +31,22 @@ CHECKPOINT_VERSION = 3.0
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 _SLOT = re.compile(r"^model(\d*)$")
 EXPERTS = ".mlp.experts.local_experts."  # Megatron's MoE layer: experts numbered locally per EP rank
+
+
+# ---- naming ----------------------------------------------------------------------------------------------
+def shard_dir(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
+    """Megatron's names: ``mp_rank_TT``, ``_PPP`` when pp > 1, then ``_EEE`` when ep > 1."""
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
+
+
+def shard_path(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
+    return f"{shard_dir(tp_rank, pp_rank, pp_size, ep_rank, ep_size)}/{SHARD_FILE}"
+
+
+def slot_name(vpp_rank: int, vpp_size: int) -> str:
+    """The state dict of a virtual pipeline chunk inside a shard."""
+    return "model" if vpp_size == 1 else f"model{vpp_rank}"
 
 
 def iteration_dir_name(iteration: str | int) -> str:
@@ -240,10 +257,11 @@ def load_torch_file(path: Path):
 
 
 # ---- writer ----------------------------------------------------------------------------------------------
-def write_shard(path: Path, slots: dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]]],
-                produce: Callable[[str, int], torch.Tensor], extra: dict | None = None) -> int:
-    """Write one model_optim_rng.pt record by record; ``produce(slot, i)`` supplies tensor i of a slot just
-    before its bytes are written, so one tensor is in memory at a time whatever the shard's size."""
+def write_shard(fh, slots: dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]]],
+                produce: Callable[[str, int], torch.Tensor], extra: dict | None = None) -> None:
+    """Write one model_optim_rng.pt into the open file ``fh`` (``fh.path``: its name) record by record;
+    ``produce(slot, i)`` supplies tensor i of a slot just before its bytes are written, so one tensor is in
+    memory at a time whatever the shard's size."""
     obj: dict = {}
     index: dict[tuple[str, str], int] = {}
     for slot, entries in slots.items():
@@ -254,14 +272,10 @@ def write_shard(path: Path, slots: dict[str, list[tuple[str, torch.dtype, tuple[
     obj["checkpoint_version"] = CHECKPOINT_VERSION
     if extra:
         obj.update(extra)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        # torch_stream's archive writer over a file that is hashed as written, fsynced and journaled
-        with open_output(path) as fh:
-            _write_archive(_ZipWriter(fh, _archive_name(path)), obj, lambda p, spec: produce(p[0], index[(p[0], p[1])]))
-        return fh.size
+        _write_archive(_ZipWriter(fh, _archive_name(fh.path)), obj, lambda p, spec: produce(p[0], index[(p[0], p[1])]))
     except ValueError as e:
-        raise CheckpointError(f"{path}: {e}")
+        raise CheckpointError(f"{fh.path}: {e}")
 
 
 class ShardWriter:
@@ -273,8 +287,11 @@ class ShardWriter:
     def __init__(self, extra: dict | None = None):
         self.extra = extra or {}
 
-    def write(self, path: Path, slots, produce) -> int:
-        return write_shard(path, slots, produce, self.extra)
+    def write(self, fh, slots, produce) -> None:
+        write_shard(fh, slots, produce, self.extra)
+
+    def finish(self, it_dir: Path, planned) -> None:
+        """Nothing beside the shards (the tracker is the checkpoint directory's)."""
 
 
 def write_tracker(root: Path, iteration: str | int = "release") -> None:
