@@ -86,8 +86,8 @@ def write(output: Output, *, progress: bool, workers: int, overwrite: bool, resu
     t0 = time.monotonic()
     ranks = Ranks()
     try:
-        with _output_dir(output, ranks, overwrite, resume, doc["plan"]) as out:
-            todo, kept = _still_to_write(out, output, result)
+        with _output_dir(output, ranks, overwrite, resume, doc["plan"]) as (out, done):
+            todo, kept = _still_to_write(done, output, result)
             result.bytes = kept + _execute(todo, out / output.subdir, output, ranks, progress, workers)
             if ranks.rank == 0:  # the other ranks only write their share of the files
                 output.writer.finish(out.path / output.subdir, output.files)
@@ -110,14 +110,16 @@ def _complete(target, doc: dict) -> bool:
 
 @contextmanager
 def _output_dir(output: Output, ranks: Ranks, overwrite: bool, resume: bool, plan: str):
-    """The atomic output directory. Under torchrun rank 0 owns it (checks, rename) and hands it, or its error,
-    to the other ranks, which write their share of the files into it."""
+    """The atomic output directory and the files its journal holds (kept from an interrupted run). Under
+    torchrun rank 0 owns it (checks, rename) and hands both, or its error, to the other ranks, which write their
+    share of the files into it: read by one rank before any writes, the journal gives every rank the same files
+    still to write."""
     def atomic():
         return atomic_output_dir(output.path, output.option, output.source.dirs, overwrite, resume=resume, plan_id=plan)
 
     if not ranks.active:
         with atomic() as out:
-            yield out
+            yield out, read_journal(out.path)[1]
     elif ranks.rank == 0:
         with ExitStack() as stack:
             try:
@@ -125,8 +127,7 @@ def _output_dir(output: Output, ranks: Ranks, overwrite: bool, resume: bool, pla
             except BaseException as e:
                 ranks.broadcast(("error", e))
                 raise
-            ranks.broadcast(("ok", out))
-            yield out
+            yield ranks.broadcast(("ok", (out, read_journal(out.path)[1])))[1]
     else:
         status, value = ranks.broadcast(None)
         if status == "error":
@@ -134,9 +135,8 @@ def _output_dir(output: Output, ranks: Ranks, overwrite: bool, resume: bool, pla
         yield value
 
 
-def _still_to_write(out: OutputDir, output: Output, result: Result) -> tuple[list[OutputFile], int]:
-    """The files still to write after a resumed start (kept ones are journaled), and the bytes kept."""
-    done = read_journal(out.path)[1]
+def _still_to_write(done: dict[str, dict], output: Output, result: Result) -> tuple[list[OutputFile], int]:
+    """The files not in the journal's ``done`` (finished by an interrupted run, kept), and the bytes kept."""
     todo = [f for f in output.files if output.rel(f) not in done]
     if len(todo) < len(output.files):
         result.notes.append(f"resumed: kept {len(output.files) - len(todo)} finished files of the interrupted run, "
