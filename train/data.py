@@ -113,7 +113,7 @@ SCHEMA: dict = {
             "dataset_dir": USED, "dataset": USED, "cache_dir": USED, "max_samples": USED, "template": USED,
             "train_on_prompt": USED, "overwrite_cache": USED,
             "cutoff_len": _Only((), "nothing: cutoff_len is deprecated (MindSpeed-MM refuses it too); use --seq-length"),
-            "enable_thinking": _NoEffect("only reasoning templates (qwen3_vl) read it"),
+            "enable_thinking": _NoEffect("only reasoning templates read it"),
             "mask_history": _Only((False,), "false (the loss is on every assistant turn)"),
             "streaming": _Only((False,), "false (samples are read up front: the sampler needs every length)"),
             "preprocessing_batch_size": _TOKENISED_ONCE, "preprocessing_num_workers": _TOKENISED_ONCE,
@@ -204,7 +204,7 @@ def load_data_config(path: str | Path) -> DataConfig:
     template = get(basic, "template", str, "qwen2vl", B)
     if template != "qwen2vl":
         raise DataConfigError(f"{path}: {B}.template {json.dumps(template)} is not supported here; supported: "
-                              f"'qwen2vl' (the Qwen2-VL / Qwen2.5-VL chat format this runtime encodes)")
+                              f"'qwen2vl' (the chat format this runtime encodes)")
     return DataConfig(model_name_or_path=model, dataset_dir=get(basic, "dataset_dir", str, ".", B),
                       datasets=[s.strip() for s in dataset.split(",") if s.strip()],
                       cache_dir=get(basic, "cache_dir", str, None, B),
