@@ -211,7 +211,7 @@ def match_expert_layout(model: BoundModel, reader) -> BoundModel:
 def checked_layout(model: BoundModel, want: LayoutOptions, prefix: str) -> ParallelLayout:
     """``want`` as a ParallelLayout for ``model``: layer sums, expert parallelism and TP divisibility checked."""
     t, v = model.cfg.text, model.cfg.vision
-    layout = want.resolve(t.num_layers, v.depth, prefix)
+    layout = want.resolve(t.num_layers, v.depth, prefix, t.vocab_size)
     layout.check_layer_counts(v.depth, t.num_layers, prefix)
     if layout.ep_size > 1 and not t.num_experts:
         raise LayoutError(f"{prefix}.ep_size {layout.ep_size}: this {model.spec.NAME} model has no experts (dense); "
@@ -220,22 +220,50 @@ def checked_layout(model: BoundModel, want: LayoutOptions, prefix: str) -> Paral
     return layout
 
 
-def global_layout(model: BoundModel, prefix: str) -> ParallelLayout:
-    """tp 1, pp 1: how a checkpoint of global tensors (torch_dist) is read and written."""
-    one_stage = LayoutOptions(1, [[model.cfg.text.num_layers]], [[model.cfg.vision.depth]], 0, 1)
+def global_layout(model: BoundModel, prefix: str, padded_vocab_size: int = 0) -> ParallelLayout:
+    """tp 1, pp 1: how a checkpoint of global tensors (torch_dist) is read and written (its vocabulary padded to
+    ``padded_vocab_size`` rows, as Megatron saves it for the TP size it trained with)."""
+    one_stage = LayoutOptions(1, [[model.cfg.text.num_layers]], [[model.cfg.vision.depth]], 0, 1, padded_vocab_size)
     return checked_layout(model, one_stage, prefix)
+
+
+def vocab_rows(reader, model: BoundModel, layout: ParallelLayout) -> int:
+    """The vocabulary rows the shards of ``layout`` hold (those of the spec's first vocabulary tensor in TP rank
+    0 times the TP size; a torch_dist source's global rows), as ``padded_vocab_size``: 0 when they are the
+    config's (or the tensor is not where the layout puts it: the shard check names that)."""
+    from .formats.mm import shard_path, slot_name
+
+    vocab = model.cfg.text.vocab_size
+    for rule in model.spec.rules(model.cfg, layout.pp_size):
+        pos = layout.first_position(rule.module) if rule.place == "first" else layout.last_position(rule.module)
+        if not rule.vocab or rule.place == "layer" or pos is None:
+            continue
+        tp = 1 if reader.layout_free else layout.module_tp(rule.module)
+        vpp_rank, pp_rank = layout.split_position(pos)
+        path = shard_path(0, pp_rank, layout.pp_size, 0, layout.ep_size) if not reader.layout_free else \
+            next(iter(reader.files()), "")
+        have = reader.slots(path).get(slot_name(vpp_rank, layout.vpp_size), {}).get(rule.mm.format(i=0, e=0))
+        if have is None or not have.dim():
+            continue
+        rows = have.shape[0] * tp
+        return rows if rows > vocab else 0
+    return 0
 
 
 def shard_layout(reader, model: BoundModel, want: LayoutOptions, option: str, prefix: str) -> ParallelLayout:
     """The layout read off the shards, checked against the config; values given in ``want`` must match it.
-    A torch_dist source has no layout of its own: it reads as tp 1, pp 1."""
+    A torch_dist source has no layout of its own: it reads as tp 1, pp 1. Padded vocabulary rows (Megatron's
+    ``make_vocab_size_divisible_by``) are read off the shards too."""
     if reader.layout_free:
-        return global_layout(model, option)
+        found = global_layout(model, option)
+        return replace(found, padded_vocab_size=vocab_rows(reader, model, found))
     found = reader.infer_layout(model.spec.LAYER_PREFIXES, model.vit_tp_probe())
+    found = replace(found, padded_vocab_size=vocab_rows(reader, model, found))
     if want.constrains:
         given = checked_layout(model, want.over(found), prefix)
-        if (given.tp_size, given.llm_pp_layers, given.vit_pp_layers, given.effective_vit_tp, given.ep_size) != \
-                (found.tp_size, found.llm_pp_layers, found.vit_pp_layers, found.effective_vit_tp, found.ep_size):
+        if (given.tp_size, given.llm_pp_layers, given.vit_pp_layers, given.effective_vit_tp, given.ep_size,
+                given.padded_vocab_size) != (found.tp_size, found.llm_pp_layers, found.vit_pp_layers,
+                                             found.effective_vit_tp, found.ep_size, found.padded_vocab_size):
             raise LayoutError(f"{prefix}: {given.describe()} does not match the shards in {reader.iter_dir}, "
                               f"which hold {found.describe()}")
     return checked_layout(model, LayoutOptions().over(found), option)

@@ -31,6 +31,8 @@ LAYOUT_HELP = {
     "vit_pp_layers": "vision layers per stage, same shape as llm_pp_layers; vision comes first, e.g. [[32,0,0,0]]",
     "ep_size": "expert-parallel size (MoE models): each MoE layer's experts split evenly over EP ranks, "
                "shards mp_rank_TT[_PPP]_EEE",
+    "make_vocab_size_divisible_by": "Megatron's vocabulary padding: zero rows pad the embedding and output layer to a "
+                                    "multiple of N x tp_size (read off the shards of an MM source; checked if given)",
 }
 LAYOUT_DEFAULTS = {"tp_size": 1, "vit_tp_size": 0, "ep_size": 1}  # where a command builds the layout
 WRITING = ("hf_to_mm", "mm_to_hf", "resplit", "hf_to_dcp", "dcp_to_hf")  # the commands plan dry-runs
@@ -58,7 +60,7 @@ def _layout_options(dotted: str, param: str, defaults: bool):
             return f(**kw)
         for key in reversed(list(LAYOUT_HELP)):
             default = LAYOUT_DEFAULTS.get(key) if defaults else None
-            typ = int if key.endswith("_size") else str
+            typ = int if key.endswith(("_size", "_by")) else str
             command = _cfg(f"{dotted}.{key}", f"{param}_{key}", type=typ, default=default,
                            show_default=default is not None, metavar="N" if typ is int else "LIST",
                            help=LAYOUT_HELP[key])(command)
@@ -182,7 +184,8 @@ def _print_result(r: Result, quiet: bool, verbose: bool = False, dry_run: bool =
             con.print(f"[bold]{f.path}[/bold]")
             for slot, ts in f.slots.items():
                 for t in ts:
-                    src = ", ".join(f"{p.src.file + ':' if p.src.file else ''}{p.src.slot + '.' if p.src.slot else ''}{p.src.key}"
+                    src = ", ".join(f"zeros[{','.join(f'{s}:{s + n}' for s, n in zip(p.dst_start, p.shape))}]" if p.zero else
+                                    f"{p.src.file + ':' if p.src.file else ''}{p.src.slot + '.' if p.src.slot else ''}{p.src.key}"
                                     f"[{','.join(f'{s}:{s + n}' for s, n in zip(p.src_start, p.shape))}]" for p in t.pieces)
                     con.print(f"  {(slot + '.') if slot else ''}{t.key} {list(t.shape)} {str(t.dtype).replace('torch.', '')} <- {src}")
     total = sum(f.nbytes for f in r.files)

@@ -115,12 +115,14 @@ class Converter:
         ``save_format``: "torch" (mp_rank_* shards) or "torch_dist" (Megatron's distributed format: global
         tensors, any TP / PP at load time; the layout given is checked, not used).
         ``ep_size``: expert parallelism (MoE models): shards ``mp_rank_TT[_PPP]_EEE``, experts split evenly.
+        ``make_vocab_size_divisible_by`` N: Megatron's vocabulary padding: the embedding and output layer get zero
+        rows up to a multiple of N x tp_size (read off the shards by the other commands, cut off by mm_to_hf).
         ``resume``: keep the finished files of an interrupted run of the same plan (see manifest.py)."""
         want = _layout_options(layout, layout_values, "hf_to_mm")
         src = open_hf(self.spec, hf_dir)
         target = checked_layout(src.model, want, PARALLEL)
         if _save_format(save_format) == "torch_dist":
-            target = global_layout(src.model, PARALLEL)
+            target = global_layout(src.model, PARALLEL, target.padded_vocab_size)  # padded for the TP given
             out = mm_output("hf_to_mm", mm_dir, "--cfg.mm_dir", src, Sources(hf=src.reader),
                             dist_files(src.model.plan(target, src.dtypes)), target, "torch_dist (global tensors)",
                             dist.DistWriter({"checkpoint_version": mm_format.CHECKPOINT_VERSION}), save_format)

@@ -37,7 +37,7 @@ from .formats import mm as mm_format
 from .formats.torch_stream import StreamedTensor, crc32
 from .integrity import ReadLog
 from .manifest import OutputDir
-from .plan import HF, OutputFile, Piece, Ref, TargetTensor, to_src
+from .plan import HF, ZEROS, OutputFile, Piece, Ref, TargetTensor, to_src
 
 CHUNK_BYTES = int(os.environ.get("MM_CONVERT_CHUNK_BYTES", 1 << 20))
 POOL_BLOCKS = int(os.environ.get("MM_CONVERT_POOL_BLOCKS", 8))  # being written, queued, being filled
@@ -76,6 +76,8 @@ class Sources:
     def locate(self, ref: Ref) -> Loc | None:
         """Byte location of a source tensor, or None (then it is read through ``read``, row block by row block)."""
         cache = self.__dict__.setdefault("_locs", {})
+        if ref.file == ZEROS:  # a zero fill reads nothing
+            return None
         if ref not in cache:
             where = self.hf.locate(ref.key) if ref.file == HF else self.mm.locate(ref)
             cache[ref] = Loc(*where) if where is not None and where[2].itemsize in _RAW else None
@@ -93,6 +95,8 @@ class Sources:
         for f in files:
             for t in f.tensors:
                 for p in t.pieces:
+                    if p.zero:
+                        continue
                     lo = p.src_start[0] if p.src_start else 0
                     rows.setdefault(p.src, []).append((lo, lo + (p.src_shape[0] if p.shape else 1), p))
         sole = set()
@@ -119,12 +123,17 @@ class Sources:
 
 def materialize(t: TargetTensor, sources: Sources) -> torch.Tensor:
     """The target tensor; a single piece covering it whole is returned as read (no extra copy)."""
-    if len(t.pieces) == 1 and tuple(t.pieces[0].shape) == tuple(t.shape) and not t.pieces[0].reshaped:
+    if len(t.pieces) == 1 and tuple(t.pieces[0].shape) == tuple(t.shape) and not t.pieces[0].reshaped \
+            and not t.pieces[0].zero:
         p = t.pieces[0]
         return sources.read(p.src, p.src_start, p.shape)
     out = torch.empty(t.shape, dtype=t.dtype)
     for p in t.pieces:
-        out[tuple(slice(d, d + n) for d, n in zip(p.dst_start, p.shape))] = read_piece(sources, p, p.src_start, p.shape)
+        box = tuple(slice(d, d + n) for d, n in zip(p.dst_start, p.shape))
+        if p.zero:
+            out[box] = 0
+        else:
+            out[box] = read_piece(sources, p, p.src_start, p.shape)
     return out
 
 
@@ -275,6 +284,11 @@ class _Blocks:
             if a >= b:
                 continue
             s0, n = pss[0] + a - pd[0], b - a
+            if p.zero:  # vocabulary padding
+                if dst is None:
+                    dst = out.view(_RAW[isz]).reshape((r1 - r0,) + shape[1:])
+                dst[(slice(a - r0, b - r0),) + tuple(slice(d, d + k) for d, k in zip(pd[1:], ps[1:]))] = 0
+                continue
             if p.reshaped and loc is not None and self._fill_reshaped(p, loc, t, a, b, r0, r1, out):
                 continue
             if p.reshaped:  # no byte location (or an odd box): the rows' box through the reader (and transposed)

@@ -4,7 +4,9 @@ A plan is plain data, built with no I/O beyond reading tensor shapes: it can be 
 checked (every target element covered exactly once) and split among workers before a byte moves.
 
 Every transform of this tool (rename, TP split along dim 0 or 1, GLU split, QKV interleave, concat) is a
-list of ``Piece``s: copy the box ``src_start + shape`` of a source tensor to ``dst_start`` of the target.
+list of ``Piece``s: copy the box ``src_start + shape`` of a source tensor to ``dst_start`` of the target. A
+piece whose source is ``ZEROS`` fills its box with zeros (the padded rows of a vocabulary, Megatron's
+``make_vocab_size_divisible_by``): it reads nothing, and inverting a plan drops it.
 HF -> MM plans come from a model's ``Rule``s; MM -> HF is the inverse of the HF -> MM plan of the source
 layout; MM -> MM (resplit) composes the target's HF -> MM plan with the source's inverse.
 """
@@ -21,6 +23,7 @@ from .formats.mm import shard_path, slot_name  # the format names the shards and
 from .layout import ParallelLayout
 
 HF = ""  # Ref.file of a tensor of the HF checkpoint (its reader knows which .safetensors holds it)
+ZEROS = "<zeros>"  # Ref.file of a zero fill (vocabulary padding); its key names the tensor it pads
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class Rule:
     layers: the global layer indices the rule applies to (None: every layer), e.g. a MoE model's sparse layers.
     experts: for one tensor per expert: the number of experts; ``{e}`` in ``mm`` is the expert index local to
             the EP rank, in ``hf`` the global one (expert parallelism splits experts evenly over EP ranks).
+    vocab:  the rows are the vocabulary (embedding, output layer): with a padded layout the MM tensor has
+            ``padded_vocab_size`` rows, those after the HF tensor's zero (TP splits the padded rows evenly).
     """
     mm: str
     hf: tuple[str, ...]
@@ -50,6 +55,7 @@ class Rule:
     copy: bool = False
     layers: frozenset | None = None
     experts: int = 0
+    vocab: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,11 @@ class Piece:
     @property
     def numel(self) -> int:
         return prod(self.shape)
+
+    @property
+    def zero(self) -> bool:
+        """A zero fill (reads nothing)."""
+        return self.src.file == ZEROS
 
     @property
     def reshaped(self) -> bool:
@@ -168,8 +179,10 @@ def _parts(rule: Rule, names: list[str], shapes: dict) -> list[list[tuple[str, i
     raise ValueError(f"unknown fuse {rule.fuse!r} in rule {rule.mm}")
 
 
-def rule_pieces(rule: Rule, names: list[str], shapes: dict, tp: int, rank: int) -> tuple[tuple[int, ...], list[Piece]]:
-    """Shape and pieces of TP rank ``rank``'s part of one MM tensor."""
+def rule_pieces(rule: Rule, names: list[str], shapes: dict, tp: int, rank: int,
+                padded_rows: int = 0) -> tuple[tuple[int, ...], list[Piece]]:
+    """Shape and pieces of TP rank ``rank``'s part of one MM tensor. ``padded_rows``: a vocabulary rule's rows
+    (more than the HF tensor's: the rest are zero pieces); 0: the HF tensor's."""
     trailing = tuple(shapes[names[0]][1:])
     for n in names[1:]:
         if tuple(shapes[n][1:]) != trailing:
@@ -185,8 +198,11 @@ def rule_pieces(rule: Rule, names: list[str], shapes: dict, tp: int, rank: int) 
         return shape, [Piece(Ref(HF, "", name), (0, rank * c) + zeros[1:], (0,) * len(shape), shape)]
     pieces: list[Piece] = []
     out = 0
-    for part in _parts(rule, names, shapes):
-        total = sum(rows for _, _, rows in part)
+    parts = _parts(rule, names, shapes)
+    real = sum(n for _, _, n in parts[0]) if parts else 0
+    pad = padded_rows - real if rule.vocab and len(parts) == 1 and padded_rows > real else 0
+    for part in parts:
+        total = sum(n for _, _, n in part) + pad
         if rule.tp == "replicate":
             lo, hi = 0, total
         else:
@@ -199,12 +215,16 @@ def rule_pieces(rule: Rule, names: list[str], shapes: dict, tp: int, rank: int) 
             if a < b:
                 prev = pieces[-1] if pieces else None
                 src_row = start + a - at
-                if prev and prev.src.key == name and prev.src_start[0] + prev.shape[0] == src_row:
+                if prev and prev.src == Ref(HF, "", name) and prev.src_start[0] + prev.shape[0] == src_row:
                     pieces[-1] = Piece(prev.src, prev.src_start, prev.dst_start, (prev.shape[0] + b - a,) + trailing)
                 else:
                     pieces.append(Piece(Ref(HF, "", name), (src_row,) + zeros, (out,) + zeros, (b - a,) + trailing))
                 out += b - a
             at += rows
+        if pad and max(lo, at) < hi:  # the padded rows of this rank: zeros
+            n = hi - max(lo, at)
+            pieces.append(Piece(Ref(ZEROS, "", part[0][0]), (0,) + zeros, (out,) + zeros, (n,) + trailing))
+            out += n
     return (out,) + trailing, pieces
 
 
@@ -237,7 +257,8 @@ def _position_tensors(rules, layout, pos, tp_rank, ep_rank, shapes, dtypes, view
         names = [h.format(i=global_, e=global_expert) for h in rule.hf]
         mm = rule.mm.format(i=local, e=expert)
         module_tp = layout.module_tp(rule.module)
-        shape, pieces = rule_pieces(rule, names, shapes, module_tp, layout.module_tp_rank(rule.module, tp_rank))
+        shape, pieces = rule_pieces(rule, names, shapes, module_tp, layout.module_tp_rank(rule.module, tp_rank),
+                                    layout.padded_vocab_size if rule.vocab else 0)
         kinds = {dtypes[n] for n in names}
         if len(kinds) > 1:
             raise CheckpointError(f"{', '.join(names)}: mixed dtypes {sorted(map(str, kinds))} cannot be fused into "
@@ -283,6 +304,8 @@ def invert(mm_files: list[OutputFile], shapes: dict) -> dict[str, list[Piece]]:
                 if t.copy:
                     continue
                 for p in t.pieces:
+                    if p.zero:  # padding: no HF element comes from it
+                        continue
                     box = (p.src_start, p.src_shape)
                     if box in seen[p.src.key]:
                         continue
@@ -306,6 +329,9 @@ def compose(target: list[OutputFile], inverse: dict[str, list[Piece]]) -> list[O
             for t in tensors:
                 pieces = []
                 for p in t.pieces:
+                    if p.zero:  # padding stays padding
+                        pieces.append(p)
+                        continue
                     pss = p.src_shape
                     for q in inverse[p.src.key]:  # both boxes in the HF tensor's coordinates
                         lo = tuple(max(a, b) for a, b in zip(p.src_start, q.dst_start))

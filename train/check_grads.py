@@ -49,6 +49,9 @@ def engine_loss_and_grads(mm_dir, hf_dir, cfg: ModelConfig, layout: ParallelLayo
     from .check_logits import reference_class
     from .config import read_hf_config
 
+    from .checkpoint import with_vocab_rows
+
+    layout = with_vocab_rows(layout, cfg, mm_dir)  # a padded vocabulary, read off the shards
     with tempfile.TemporaryDirectory(prefix="mm_grads_") as tmp:
         batches = dp_batches or [batch]
         torch.save([{k: v for k, v in b.items() if k != "attention_mask"} for b in batches], Path(tmp, "batch.pt"))

@@ -17,7 +17,7 @@ import torch
 from mm_convert.errors import VerifyError
 from mm_convert.layout import ParallelLayout
 
-from .checkpoint import read_shard, shard_path
+from .checkpoint import read_shard, shard_path, with_vocab_rows
 from .config import ModelConfig, spec_of
 from .inputs import build_inputs, hf_kwargs, load_processors
 from .launch import launch_local, worker_main
@@ -56,6 +56,7 @@ def check_logits(mm_dir, hf_dir, tp_size: int | None = None, llm_pp_layers=None,
         vit_tp_size = found.vit_tp_size if vit_tp_size is None else vit_tp_size
         ep_size = found.ep_size if ep_size is None else ep_size
     layout = ParallelLayout.create(tp_size, llm_pp_layers, vit_pp_layers, vit_tp_size, ep_size=ep_size)
+    layout = with_vocab_rows(layout, cfg, mm_dir)  # a padded vocabulary, read off the shards
     check_divisible(cfg, layout)  # before the (possibly long) transformers run
     tok, improc = load_processors(processor_dir or hf_dir)
     cases = {"image+text": build_inputs(tok, improc, cfg, prompt, image if image is not None else default_image())}

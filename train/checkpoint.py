@@ -55,3 +55,23 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) -
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError(f"{where}: " + "; ".join(problems[:5]) + more)
     module.load_state_dict(state, strict=True, assign=True)
+
+
+def with_vocab_rows(layout, cfg, mm_dir: str | os.PathLike):
+    """``layout`` with the padded vocabulary rows (Megatron's ``make_vocab_size_divisible_by``) its shards hold,
+    read off the embedding of TP rank 0 at the first LLM position, when the layout does not say them."""
+    from dataclasses import replace
+
+    from mm_convert.plan import slot_name as chunk
+
+    from .config import spec_of
+
+    pos = layout.first_position("llm")
+    if layout.padded_vocab_size or pos is None:
+        return layout
+    vpp_rank, pp_rank = layout.split_position(pos)
+    path = shard_path(mm_dir, 0, pp_rank, layout.pp_size, 0, layout.ep_size)
+    obj = load_torch_file(path)
+    table = obj.get(chunk(vpp_rank, layout.vpp_size), {}).get(spec_of(cfg).TIED_PAIR[0]) if isinstance(obj, dict) else None
+    rows = table.shape[0] * layout.tp_size if isinstance(table, torch.Tensor) and table.dim() else 0
+    return replace(layout, padded_vocab_size=rows) if rows > cfg.text.vocab_size else layout

@@ -184,12 +184,16 @@ def check_layout_flags(args, cfg, layout, converter: str) -> None:
                 f"{str(args.load).rstrip('/')}_resplit --cfg.target_parallel_config.tp_size {layout.tp_size} "
                 f"--cfg.target_parallel_config.llm_pp_layers {_flat(llm)} "
                 f"--cfg.target_parallel_config.vit_pp_layers {_flat(vit)}")
-    vocab = cfg.text.vocab_size
-    if args.vocab_size is not None:
+    vocab = layout.vocab_rows(cfg.text.vocab_size)  # the checkpoint's rows: padded where its shards are
+    if args.vocab_size is None and args.make_vocab_size_divisible_by > 1:  # Megatron pads the tokenizer's vocabulary
+        args_vocab = cfg.text.vocab_size
+    else:
+        args_vocab = args.vocab_size
+    if args_vocab is not None:
         step = args.make_vocab_size_divisible_by * layout.tp_size
-        padded = -(-args.vocab_size // step) * step
+        padded = -(-args_vocab // step) * step
         if padded != vocab:
-            raise ConfigError(f"--vocab-size {args.vocab_size} padded to a multiple of --make-vocab-size-divisible-by "
+            raise ConfigError(f"--vocab-size {args_vocab} padded to a multiple of --make-vocab-size-divisible-by "
                               f"{args.make_vocab_size_divisible_by} x tp {layout.tp_size} is {padded}, but the model "
                               f"has {vocab} vocabulary rows")
 

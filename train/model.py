@@ -445,7 +445,9 @@ class StageModel(nn.Module):
         first_llm, last_llm = pos == layout.first_position("llm"), pos == layout.last_position("llm")
         self.image_encoder = ImageEncoder(cfg.vision, vit, first_vit, last_vit, ps.vit) if len(vit) else None
         has_output = last_llm and (not cfg.text.tie_word_embeddings or layout.pp_size > 1)
-        self.text_decoder = TextDecoder(cfg, llm, first_llm, last_llm, has_output, ps.tp, ps.ep) if len(llm) else None
+        self.vocab = cfg.text.vocab_size  # the real vocabulary: logits of padded rows are cut off (real_vocab_logits)
+        self.text_decoder = TextDecoder(padded_vocab_config(cfg, layout), llm, first_llm, last_llm, has_output, ps.tp,
+                                        ps.ep) if len(llm) else None
 
     def forward(self, payload: dict, batch: dict, cache: dict | None) -> dict:
         """payload: what the previous position produced; batch: this step's inputs (every rank has them)."""
@@ -456,7 +458,28 @@ class StageModel(nn.Module):
             deepstack = {k: v for k, v in payload.items() if k.startswith("deepstack_")}
             payload = self.text_decoder(payload.get("hidden"), batch["input_ids"], payload.get("image_embeds"),
                                         batch["position_ids"], cache, self.pos, deepstack)
+            payload = real_vocab_logits(payload, self.vocab)
         return payload
+
+
+# ---- vocabulary padding (Megatron's make_vocab_size_divisible_by) -------------------------------------------
+
+def padded_vocab_config(cfg: ModelConfig, layout: ParallelLayout) -> ModelConfig:
+    """``cfg`` with the text vocabulary as the rows the layout's embedding and output layer hold (padded rows
+    are zeros after the real ones)."""
+    from dataclasses import replace
+
+    rows = layout.vocab_rows(cfg.text.vocab_size)
+    return cfg if rows == cfg.text.vocab_size else replace(cfg, text=replace(cfg.text, vocab_size=rows))
+
+
+def real_vocab_logits(payload: dict, vocab: int) -> dict:
+    """The logits of the real vocabulary only: padded ids can never be sampled, and the loss (softmax over the
+    real ids) is what it is without padding."""
+    logits = payload.get("logits")
+    if logits is not None and logits.shape[-1] > vocab:
+        payload["logits"] = logits[..., :vocab]
+    return payload
 
 
 def check_divisible(cfg: ModelConfig, layout: ParallelLayout) -> None:

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from mm_convert.layout import ParallelLayout
 
+from .checkpoint import with_vocab_rows
 from .config import ModelConfig
 from .model import check_divisible
 from .parallel import ParallelState, init_parallel
@@ -19,6 +20,7 @@ from .pipeline import forward_positions, load_stages
 class Runtime:
     def __init__(self, cfg: ModelConfig, layout: ParallelLayout, mm_dir: str | os.PathLike,
                  ps: ParallelState | None = None):
+        layout = with_vocab_rows(layout, cfg, mm_dir)  # a padded vocabulary, read off the shards
         check_divisible(cfg, layout)
         self.cfg, self.layout = cfg, layout
         # expert parallel: ep replicas of the pipeline run the same tokens, each with its own experts

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence
 
 from ..errors import ConfigError
+from ..layout import VOCAB
 from ..plan import Rule, View
 
 
@@ -211,7 +212,7 @@ def check_heads(cfg: ModelConfig, source: str) -> None:
 
 def llm_tp_divisible(t: TextConfig) -> list[tuple[str, str, int]]:
     out = [("llm", "num_attention_heads", t.num_heads), ("llm", "num_key_value_heads", t.num_kv_heads),
-           ("llm", "vocab_size", t.vocab_size)]
+           ("llm", VOCAB, t.vocab_size)]
     if len(t.moe_layers) < t.num_layers:
         out.append(("llm", "LLM intermediate_size", t.intermediate_size))
     if t.num_experts:
@@ -223,10 +224,10 @@ def output_layer_rules(t: TextConfig, pp_size: int) -> list[Rule]:
     """Untied: the LM head. Tied: Megatron keeps a copy of the word embeddings as the output layer on the
     last stage when the pipeline has more than one stage; with one stage there is no output_layer at all."""
     if not t.tie_word_embeddings:
-        return [Rule("text_decoder.output_layer.weight", ("lm_head.weight",), "llm", "last", "split_dim0")]
+        return [Rule("text_decoder.output_layer.weight", ("lm_head.weight",), "llm", "last", "split_dim0", vocab=True)]
     if pp_size > 1:
         return [Rule("text_decoder.output_layer.weight", ("model.embed_tokens.weight",), "llm", "last", "split_dim0",
-                     copy=True)]
+                     copy=True, vocab=True)]
     return []
 
 
@@ -264,7 +265,8 @@ def gpt_llm_rules(t: TextConfig, pp_size: int) -> list[Rule]:
                    "split_dim0", ("concat",), moe, t.num_experts),
                   (ex + "linear_fc2.weight", ("mlp.experts.{e}.down_proj.weight",), "split_dim1", ("concat",), moe,
                    t.num_experts)]
-    r = [Rule("text_decoder.embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "llm", "first", "split_dim0")]
+    r = [Rule("text_decoder.embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "llm", "first", "split_dim0",
+              vocab=True)]
     r += [Rule(LLM + mm, tuple(HF_LLM + h for h in hf), "llm", "layer", tp, fuse, layers=layers, experts=experts)
           for mm, hf, tp, fuse, layers, experts in table]
     r.append(Rule("text_decoder.decoder.final_layernorm.weight", ("model.norm.weight",), "llm", "last"))

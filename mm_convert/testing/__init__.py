@@ -54,6 +54,7 @@ def make_tiny_hf_checkpoint(
     family_name: str = DEFAULT_FAMILY,
     variant: str = "",
     expert_layout: str = "linear",
+    overrides: dict | None = None,
 ) -> Path:
     """Write a tiny random HF checkpoint of a family, made by transformers.
 
@@ -62,6 +63,8 @@ def make_tiny_hf_checkpoint(
     flat for Qwen2/2.5-VL, nested for Qwen3-VL), "flat" (same) or "nested" (as transformers 5 writes it).
     expert_layout (MoE): "linear" as transformers 5 saves experts, or "hub" as the published files store them.
     max_shard_size: e.g. "20KB" to get a sharded checkpoint with ``model.safetensors.index.json``.
+    overrides: config keys replaced (top level; ``text_config`` / ``vision_config`` given as dicts are merged into
+    those sections), e.g. a vocab_size no TP size divides.
     """
     import torch
     import transformers
@@ -71,6 +74,8 @@ def make_tiny_hf_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config_dict(family_name, variant, tie_word_embeddings=tied)
+    for key, value in (overrides or {}).items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
     _set_dtype(cfg, dtype)
     config_cls, model_cls = (getattr(transformers, n) for n in spec.HF_CLASSES[cfg["model_type"]])
     torch.manual_seed(seed)
