@@ -32,7 +32,29 @@ LAYOUTS = {
         "235b_a22b": (4, 4, [18, 25, 25, 26], [27, 0, 0, 0], "Qwen3-VL-235B-A22B-Instruct"),
     },
 }
-FOLDERS = {"Qwen2.5-VL": "qwen2.5vl", "Qwen2-VL": "qwen2vl", "Qwen3-VL": "qwen3vl"}
+# families whose examples are the conversion scripts (the runtime's json and scripts come with its support):
+# family -> size -> (file stem, HF repo name, layout values); InternVL: MindSpeed-MM's layouts where its guide has
+# them (8B, 78B), with what an even split needs (the 6B tower's 25 heads on vision TP 1, the vocabulary padded)
+CONVERT_ONLY = {
+    "InternVL": {
+        "1b": ("internvl3_1b", "InternVL3-1B-hf", dict(tp_size=1, llm_pp_layers=[[24]], vit_pp_layers=[[24]])),
+        "8b": ("internvl3_8b", "InternVL3-8B-hf", dict(tp_size=1, llm_pp_layers=[[6, 8, 8, 6]], vit_pp_layers=[[24, 0, 0, 0]])),
+        "38b": ("internvl3_38b", "InternVL3-38B-hf", dict(tp_size=8, vit_tp_size=1, llm_pp_layers=[[32, 32]],
+                                                          vit_pp_layers=[[45, 0]], make_vocab_size_divisible_by=128)),
+        "78b": ("internvl3_78b", "InternVL3-78B-hf", dict(tp_size=8, vit_tp_size=1, llm_pp_layers=[[40, 40]],
+                                                          vit_pp_layers=[[45, 0]], make_vocab_size_divisible_by=128)),
+        "1b_v2_5": ("internvl2_5_1b", "InternVL2_5-1B-MPO-hf", dict(tp_size=2, llm_pp_layers=[[24]], vit_pp_layers=[[24]])),
+        "8b_v2_5": ("internvl2_5_8b", "InternVL2_5-8B-MPO-hf", dict(tp_size=2, llm_pp_layers=[[12, 20]], vit_pp_layers=[[24, 0]],
+                                                                    make_vocab_size_divisible_by=128)),
+        "38b_v2_5": ("internvl2_5_38b", "InternVL2_5-38B-MPO-hf", dict(
+            tp_size=8, vit_tp_size=1, llm_pp_layers=[[16, 16, 16, 16]], vit_pp_layers=[[45, 0, 0, 0]],
+            make_vocab_size_divisible_by=128)),
+        "78b_v2_5": ("internvl2_5_78b", "InternVL2_5-78B-MPO-hf", dict(
+            tp_size=8, vit_tp_size=1, llm_pp_layers=[[0, 3, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 5, 5, 5, 2]],
+            vit_pp_layers=[[45] + [0] * 15], make_vocab_size_divisible_by=128)),
+    },
+}
+FOLDERS = {"Qwen2.5-VL": "qwen2.5vl", "Qwen2-VL": "qwen2vl", "Qwen3-VL": "qwen3vl", "InternVL": "internvl"}
 STEMS = {"Qwen2.5-VL": "qwen2_5_vl", "Qwen2-VL": "qwen2vl", "Qwen3-VL": "qwen3vl"}  # file names, as MindSpeed-MM's
 HAND_WRITTEN = {"Qwen2.5-VL"}  # families whose jsons are kept as they are
 CARDS_PER_NODE = 8
@@ -222,6 +244,26 @@ mm-convert {converter} hf_to_mm \\
 """
 
 
+CONVERT_FLAGS = """#!/bin/bash
+# {repo}: HF -> MM shards ({describe}).
+set -euo pipefail
+mm-convert {converter} hf_to_mm \\
+  --cfg.mm_dir ckpt/mm_path/{repo} \\
+  --cfg.hf_config.hf_dir ckpt/hf_path/{repo}{flags}
+# back: mm-convert {converter} mm_to_hf --cfg.mm_dir ckpt/mm_path/{repo} --cfg.save_hf_dir ckpt/hf_path/{repo}-back --cfg.hf_config.hf_dir ckpt/hf_path/{repo}
+"""
+
+
+def convert_script(converter: str, repo: str, layout: dict) -> str:
+    """A conversion script for ``layout`` (``--cfg.parallel_config.*`` values: layer lists nested as given)."""
+    def value(v):
+        return "[" + ",".join(value(x) for x in v) + "]" if isinstance(v, list) else str(v)
+    order = ("llm_pp_layers", "vit_pp_layers", "tp_size", "vit_tp_size", "ep_size", "make_vocab_size_divisible_by")
+    flags = "".join(f" \\\n  --cfg.parallel_config.{k} {value(layout[k])}" for k in order if k in layout)
+    describe = ", ".join(f"{k} {value(layout[k])}" for k in order if k in layout and not k.endswith("layers"))
+    return CONVERT_FLAGS.format(repo=repo, converter=converter, flags=flags, describe=describe)
+
+
 def scripts(fam: str, size: str, converter: str, hf: dict) -> dict[str, str]:
     """finetune_<stem>.sh and inference_<stem>.sh: defaults that run the size (enough nodes of 8 cards)."""
     tp, ep, llm, vit, repo = LAYOUTS[fam][size]
@@ -280,6 +322,13 @@ def main() -> None:
             for name, text in files.items():
                 (folder / name).write_text(text)
             print(f"wrote examples/{FOLDERS[fam]}/*{size}*")
+    for fam, sizes in CONVERT_ONLY.items():
+        spec = family(fam)
+        folder = ROOT / "examples" / FOLDERS[fam]
+        folder.mkdir(parents=True, exist_ok=True)
+        for size, (stem, repo, layout) in sizes.items():
+            (folder / f"convert_{stem}.sh").write_text(convert_script(spec.CONVERTER, repo, layout))
+            print(f"wrote examples/{FOLDERS[fam]}/convert_{stem}.sh")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ def rows(spec, cfg, pp_size: int = 2) -> list[tuple[str, str, str, str, str]]:
     for r in spec.rules(cfg, pp_size):
         hf = " + ".join(_hf_name(h, views, layer) for h in r.hf)
         fuse = FUSIONS[r.fuse[0]] if len(r.hf) > 1 or r.fuse[0] != "concat" else ""
-        tp = SPLITS[r.tp] + (" (GLU: [gate_r; up_r])" if r.tp == "split_dim0" and len(r.hf) == 2 and r.fuse[0] == "concat" else "")
+        parts = len(r.hf) if r.tp == "split_dim0" and r.fuse[0] == "concat" else 0
+        tp = SPLITS[r.tp] + (" (GLU: [gate_r; up_r])" if parts == 2 else f" (each of the {parts} parts: [part_r, ...])"
+                             if parts > 2 else "")
         out.append((r.mm, hf, fuse, tp, _place(r, cfg)))
     return out
 
@@ -63,15 +65,18 @@ def markdown(spec, cfg, title: str) -> str:
 
 
 def doc_configs():
-    """(spec, size, config) per family: its first published size, and its first mixture-of-experts one."""
+    """(spec, size, config) per family: its first published size, and each later one with MM tensors the sizes
+    before did not have (a mixture of experts, another vision block kind)."""
     from .testing import published_config_path
 
     for spec in FAMILIES:
-        picked = []
+        picked, names = [], set()
         for size in spec.PUBLISHED:
             cfg = spec.config_from_hf(json.loads(published_config_path(size, spec.NAME).read_text()), size)
-            if not picked or (cfg.text.num_experts and not any(c.text.num_experts for _, _, c in picked)):
+            mm = {r.mm for r in spec.rules(cfg, 2)}
+            if not picked or mm - names:
                 picked.append((spec, size, cfg))
+                names |= mm
         yield from picked
 
 

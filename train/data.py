@@ -105,7 +105,7 @@ SCHEMA: dict = {
             "video_max_pixels": _NO_VIDEO, "video_min_pixels": _NO_VIDEO, "video_fps": _NO_VIDEO,
             "video_maxlen": _NO_VIDEO, "video_resolution": _NO_VIDEO,
             "image_do_pan_and_scan": _Only((False,), "false (pan and scan is Gemma3's)"),
-            "crop_to_patches": _Only((False,), "false (cropping to patches is InternVL's)"),
+            "crop_to_patches": _Only((False,), "false (images are not cropped into tiles here)"),
             "use_audio_in_video": _Only((False,), "false (no audio here)"),
             "audio_sampling_rate": _NoEffect("no audio here"),
         },

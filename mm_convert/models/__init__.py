@@ -5,9 +5,9 @@ tie rule, divisibility, runtime architecture), bundle its configs in ``mm_conver
 """
 from __future__ import annotations
 
-from . import qwen2_5_vl, qwen2_vl, qwen3_vl
+from . import internvl, qwen2_5_vl, qwen2_vl, qwen3_vl
 
-FAMILIES = (qwen2_vl, qwen2_5_vl, qwen3_vl)
+FAMILIES = (qwen2_vl, qwen2_5_vl, qwen3_vl, internvl)
 
 
 def spec_for_model_type(model_type: str):

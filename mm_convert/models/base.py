@@ -41,6 +41,16 @@ class VisionConfig:
     deepstack_indexes: tuple[int, ...] = ()  # vision blocks whose output feeds a deepstack merger
     merger_norm: str = "rms"   # norm of the patch merger
     merger_act: str = "gelu"
+    # InternViT (block "intern"): a class token and learned absolute positions (num_position_embeddings = 1 +
+    # patches of an image_size image), no rotary, layer scale on both residual branches, separate q / k / v
+    block: str = "qwen"        # "qwen" (the Qwen-VL blocks) or "intern"
+    qk_norm: bool = False      # RMSNorm over the whole hidden size on q and k (InternViT-6B)
+    qkv_bias: bool = True      # (InternViT) q / k / v projections with bias
+    image_size: int = 0        # (InternViT) the side of the image the learned position grid is for
+    final_norm: bool = False   # (InternViT without mean pooling) a LayerNorm after the last block
+    projector: str = "merger"  # "merger" (Qwen: norm, then an MLP per merged block) or "pixel_shuffle"
+    # (InternVL: merge x merge patches shuffled into one token, then LayerNorm and the MLP)
+    feature_layer: int = -1    # (InternVL) the block whose output feeds the projector (-1: the last)
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +82,7 @@ class TextConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     moe_layers: tuple[int, ...] = ()  # indices of the layers whose MLP is a mixture of experts
+    rope: str = "mrope"         # "mrope" (3-axis positions) or "1d" (one position per token: InternVL)
 
     @property
     def head_dim(self) -> int:
@@ -99,6 +110,7 @@ class ModelConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    image_seq_length: int = 0  # (InternVL) image tokens per tile: the LLM sees this many per 448 x 448 tile
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,10 @@
+#!/bin/bash
+# InternVL2_5-1B-MPO-hf: HF -> MM shards (tp_size 2).
+set -euo pipefail
+mm-convert InternVLConverter hf_to_mm \
+  --cfg.mm_dir ckpt/mm_path/InternVL2_5-1B-MPO-hf \
+  --cfg.hf_config.hf_dir ckpt/hf_path/InternVL2_5-1B-MPO-hf \
+  --cfg.parallel_config.llm_pp_layers [[24]] \
+  --cfg.parallel_config.vit_pp_layers [[24]] \
+  --cfg.parallel_config.tp_size 2
+# back: mm-convert InternVLConverter mm_to_hf --cfg.mm_dir ckpt/mm_path/InternVL2_5-1B-MPO-hf --cfg.save_hf_dir ckpt/hf_path/InternVL2_5-1B-MPO-hf-back --cfg.hf_config.hf_dir ckpt/hf_path/InternVL2_5-1B-MPO-hf

@@ -1,0 +1,10 @@
+#!/bin/bash
+# InternVL3-1B-hf: HF -> MM shards (tp_size 1).
+set -euo pipefail
+mm-convert InternVLConverter hf_to_mm \
+  --cfg.mm_dir ckpt/mm_path/InternVL3-1B-hf \
+  --cfg.hf_config.hf_dir ckpt/hf_path/InternVL3-1B-hf \
+  --cfg.parallel_config.llm_pp_layers [[24]] \
+  --cfg.parallel_config.vit_pp_layers [[24]] \
+  --cfg.parallel_config.tp_size 1
+# back: mm-convert InternVLConverter mm_to_hf --cfg.mm_dir ckpt/mm_path/InternVL3-1B-hf --cfg.save_hf_dir ckpt/hf_path/InternVL3-1B-hf-back --cfg.hf_config.hf_dir ckpt/hf_path/InternVL3-1B-hf
