@@ -87,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-method", choices=METHODS, help="full: uniform (chunks of N layers) or block "
                    "(the first N layers of each stage)")
     g.add_argument("--recompute-num-layers", type=int, help="full: the N of --recompute-method")
-    g.add_argument("--pipeline-schedule", choices=["sequential", "gpipe"], default="sequential",
-                   help="sequential: one micro-batch in flight; gpipe: all forwards, then all backwards (stages overlap, "
-                        "activations of every micro-batch are held)")
+    g.add_argument("--pipeline-schedule", choices=["1f1b", "sequential", "gpipe"],
+                   help="1f1b (the default when pp > 1): Megatron's 1F1B (interleaved with VPP): warm-up forwards, then "
+                        "one forward / one backward, at most pp - stage micro-batches in flight; sequential (the default "
+                        "at pp 1, where 1f1b is the same order): one micro-batch in flight, the stages take turns; gpipe: "
+                        "all forwards, then all backwards (activations of every micro-batch held); results bit-identical")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (master weights and optimizer stay fp32)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,

@@ -3,12 +3,16 @@ through TP and PP, gradient reduction over DP (and the tied embedding copies), g
 
 Schedule: ``forward_backward`` runs one micro-batch forward through every position, then backward in reverse;
 ``forward`` then ``backward`` for all micro-batches is GPipe (micro-batches overlap across stages, activations
-of all of them are held). Stages exchange tensors of whatever shape the micro-batch has, with a header, so variable
-sequence lengths need no global padding. The loss is the sum of token cross-entropies divided by the number of
+of all of them are held). ``train_step`` runs a step's micro-batches in the order of a schedule of
+train/schedule.py: 1F1B (at most pp - stage micro-batches in flight), GPipe or sequential, all bit-identical.
+Stages exchange tensors of whatever shape the micro-batch has, with a header, so variable sequence lengths need
+no global padding. The loss is the sum of token cross-entropies divided by the number of
 label tokens of the whole global batch (``denom``), so accumulated micro-batches and DP ranks add up to one
 token-mean, like transformers' loss over the same samples.
 """
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -136,19 +140,26 @@ class TrainModel:
         def run(pos: int, payload: dict) -> dict:
             nonlocal loss
             inputs = dict(payload)
-            with torch.autocast(self.ps.device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
-                payload = self.stages[pos](dict(payload), batch, None)
-            if pos == self.last:  # the loss right away: only its graph is kept, not a second copy of the logits
-                logits = payload.pop("logits").float()[:, :-1]
-                labels = batch["labels"][:, 1:].to(logits.device)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=IGNORE, reduction="sum")
+            payload, pos_loss = self._run_position(pos, payload, batch, autocast_dtype)
+            loss = pos_loss if pos == self.last else loss
             saved[pos] = (inputs, payload)
             return payload
 
         forward_positions(self.ps, self.layout, self.last, run)
         return {"saved": saved, "loss": loss, "denom": denom}
+
+    def _run_position(self, pos: int, payload: dict, batch: dict, autocast_dtype) -> tuple[dict, torch.Tensor | None]:
+        """One position's forward: its output payload, and at the last LLM position the summed token loss."""
+        with torch.autocast(self.ps.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            payload = self.stages[pos](dict(payload), batch, None)
+        loss = None
+        if pos == self.last:  # the loss right away: only its graph is kept, not a second copy of the logits
+            logits = payload.pop("logits").float()[:, :-1]
+            labels = batch["labels"][:, 1:].to(logits.device)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=IGNORE, reduction="sum")
+        return payload, loss
 
     def backward(self, ctx: dict) -> torch.Tensor | None:
         """Backward of a micro-batch ``forward`` returned, positions in reverse."""
@@ -168,6 +179,63 @@ class TrainModel:
                 send_tensors(back, ps.global_rank(ps.tp_rank, self.owner(pos - 1)), ps.device)
         ctx["saved"].clear()
         return ctx["loss"].detach() if ctx["loss"] is not None else None
+
+    # ---- all micro-batches of a step, by a pipeline schedule (train/schedule.py) ---------------------------------
+    def train_step(self, batches: Sequence[dict], denom: float, autocast_dtype=None, schedule: str = "1f1b",
+                   prepare: Callable[[dict], dict] | None = None) -> list[torch.Tensor | None]:
+        """Forward and backward of every micro-batch of a step in ``schedule``'s order ("1f1b", "gpipe",
+        "sequential"); gradients accumulate in .grad, each unit's backwards in micro-batch order, so every
+        schedule gives bit-identical gradients. ``prepare`` maps a micro-batch before its first forward here
+        (e.g. to the device; it is dropped after its last backward). Returns each micro-batch's summed token
+        loss (detached) on the last LLM stage, None elsewhere. ``self.peak_in_flight``: the most forward
+        contexts (micro-batch, position) this rank held at once."""
+        from .schedule import programs, units
+
+        ps, pp = self.ps, self.layout.pp_size
+        unit_pos = units(pp, self.last)
+        program = programs(schedule, pp, self.layout.vpp_size, len(batches), len(unit_pos))[ps.pp_rank]
+        last_use = {op[1]: i for i, op in enumerate(program) if op[0] in ("F", "B")}
+        ready: dict = {}   # micro-batch -> its batch, prepared
+        inbox: dict = {}   # ("act" | "grad", m, u) -> tensors received
+        outbox: dict = {}  # ("act" | "grad", m, u) -> tensors to send
+        saved: dict = {}   # (m, u) -> (inputs, outputs, loss): what the unit's backward needs
+        losses: list = [None] * len(batches)
+        self.peak_in_flight = 0
+        for i, op in enumerate(program):
+            if op[0] == "recv":
+                inbox[op[1:4]] = recv_tensors(ps.global_rank(ps.tp_rank, op[4]), ps.device)
+            elif op[0] == "send":
+                send_tensors(outbox.pop(op[1:4]), ps.global_rank(ps.tp_rank, op[4]), ps.device)
+            elif op[0] == "F":
+                _, m, u = op
+                if m not in ready:
+                    ready[m] = prepare(batches[m]) if prepare else batches[m]
+                payload = inbox.pop(("act", m, u), {})
+                inputs, loss = dict(payload), None
+                for pos in unit_pos[u]:
+                    payload, pos_loss = self._run_position(pos, payload, ready[m], autocast_dtype)
+                    loss = pos_loss if pos == self.last else loss
+                saved[m, u] = (inputs, payload, loss)
+                self.peak_in_flight = max(self.peak_in_flight, len(saved))
+                if u + 1 < len(unit_pos):
+                    outbox["act", m, u + 1] = payload
+            else:  # "B": as ``backward`` does for one position
+                _, m, u = op
+                inputs, outputs, loss = saved.pop((m, u))
+                if loss is not None:
+                    (loss / denom).backward()
+                    losses[m] = loss.detach()
+                else:
+                    grads = inbox.pop(("grad", m, u))
+                    outs = [outputs[k] for k in grads]
+                    if outs:
+                        torch.autograd.backward(outs, [grads[k] for k in grads])
+                if u > 0:
+                    outbox["grad", m, u - 1] = {k: (t.grad if t.grad is not None else torch.zeros_like(t))
+                                                for k, t in inputs.items() if t.requires_grad}
+                if last_use[m] == i:
+                    ready.pop(m, None)
+        return losses
 
     # ---- after the micro-batches -----------------------------------------------------------------------------
     def grad_group(self, p) -> Group | None:

@@ -78,6 +78,7 @@ def train(args) -> None:
     if args.global_batch_size % per_step:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not a multiple of micro batch x DP = {per_step}")
     n_micro = args.global_batch_size // per_step
+    schedule = args.pipeline_schedule or ("1f1b" if layout.pp_size > 1 else "sequential")
     if not dist.is_initialized():
         backend, _ = pick_backend()
         dist.init_process_group(backend, timeout=timedelta(minutes=args.distributed_timeout_minutes))
@@ -110,9 +111,12 @@ def train(args) -> None:
         real = sum(data.lengths[i] for step in steps for mb in step for i in mb)  # no padding
         opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=ps.device)
-        if args.pipeline_schedule == "gpipe":
+        if schedule == "gpipe":
             ctxs = [tm.forward(to_device(micro[ps.dp_rank], ps.device), denom, autocast) for micro in batches]
             outs = [tm.backward(c) for c in ctxs]
+        elif schedule == "1f1b":
+            outs = tm.train_step([micro[ps.dp_rank] for micro in batches], denom, autocast, "1f1b",
+                                 prepare=lambda b: to_device(b, ps.device))
         else:
             outs = [tm.forward_backward(to_device(micro[ps.dp_rank], ps.device), denom, autocast) for micro in batches]
         for out in outs:
