@@ -207,3 +207,138 @@ def test_cli(hf, tmp_path):
     v = subprocess.run(base + ["verify", "--cfg.mm_dir", str(tmp_path / "mm"), "--cfg.hf_config.hf_dir",
                                str(hf("300m-fp32"))], capture_output=True, text=True)
     assert v.returncode == 0 and "OK:" in v.stdout, v.stdout + v.stderr
+
+
+# ---- the runtime (train/internvit.py) against transformers' InternVLForConditionalGeneration -------------------------
+RUNTIME_LAYOUTS = {(1, 1): ([4], [4]), (2, 2): ([0, 4], [2, 2])}  # (tp, pp) -> (llm, vit): (2, 2) splits the tower
+
+
+@pytest.fixture(scope="module")
+def hf_runtime(tmp_path_factory):
+    """Tiny fp32 checkpoints for the runtime: reweighted as test_runtime does (centred biases, larger matrices), so
+    that attention, positions and layer scale move the logits well above the tolerance."""
+    from test_runtime import reweight
+
+    cache = {}
+
+    def make(variant: str, purpose: str = "logits"):
+        if (variant, purpose) not in cache:
+            d = make_tiny_hf_checkpoint(tmp_path_factory.mktemp(f"rt_{variant}_{purpose}"), family_name="InternVL",
+                                        variant=variant)
+            cache[variant, purpose] = d if purpose == "grads" else reweight(d, 0.1, 3.0)
+        return cache[variant, purpose]
+    return make
+
+
+LOGIT_CASES = [(v, k) for v in ("", "6b") for k in RUNTIME_LAYOUTS]
+
+
+@pytest.mark.parametrize("variant,key", LOGIT_CASES, ids=[f"{v or '300m'}-tp{k[0]}pp{k[1]}" for v, k in LOGIT_CASES])
+def test_logits_equal_transformers(hf_runtime, tmp_path, variant, key):
+    """Image tiles (a 112 x 84 image: 4 tiles and the thumbnail) and text, the layout read off the shards."""
+    from mm_train.check_logits import check_logits
+
+    src = hf_runtime(variant)
+    llm, vit = RUNTIME_LAYOUTS[key]
+    conv().hf_to_mm(src, tmp_path / "mm", tp_size=key[0], llm_pp_layers=llm, vit_pp_layers=vit)
+    lines = []
+    assert check_logits(tmp_path / "mm", src, tolerance=1e-5, log=lines.append) <= 1e-5
+    assert [line.split(":")[0] for line in lines] == ["image+text", "text"]
+    assert f"tp={key[0]} pp={key[1]}" in lines[0]
+
+
+def test_the_comparison_is_sensitive(hf_runtime):
+    """transformers itself: without layer scale, the learned positions or the class token, or with the pixel
+    shuffle's height and width left swapped, the logits move far above 1e-5."""
+    from mm_train.check_logits import default_image, reference_class
+    from mm_train.config import ModelConfig
+    from mm_train.inputs import build_inputs, hf_kwargs, load_processors
+
+    src = hf_runtime("6b")
+    cfg = ModelConfig.from_hf(src)
+    inputs = build_inputs(*load_processors(src), cfg, "Describe this image.", default_image())
+    assert inputs["pixel_values"].shape[0] == 5 and int((inputs["input_ids"] == cfg.image_token_id).sum()) == 5 * 4
+    model = reference_class(src).from_pretrained(src).eval()
+    tower = model.model.vision_tower
+    with torch.inference_mode():
+        ref = model(**hf_kwargs(inputs)).logits
+        changed = []
+        for tensor in (tower.encoder.layer[1].lambda_1, tower.embeddings.position_embeddings, tower.embeddings.cls_token):
+            saved = tensor.clone()
+            tensor.fill_(1.0 if tensor.dim() == 1 else 0.0)
+            changed.append(model(**hf_kwargs(inputs)).logits)
+            tensor.copy_(saved)
+        shuffle = model.model.pixel_shuffle
+        model.model.pixel_shuffle = lambda x, scale_factor: shuffle(x, scale_factor).transpose(1, 2)
+        changed.append(model(**hf_kwargs(inputs)).logits)
+    for other in changed:
+        assert (ref - other).abs().max() > 1e-3
+
+
+def test_greedy_generation_matches_transformers(hf_runtime, tmp_path):
+    """tp 2 pp 2 with the KV cache: 1-D rope positions continue past the image tokens as transformers' do."""
+    from mm_train.check_logits import default_image, reference_class, run_local
+    from mm_train.config import ModelConfig
+    from mm_train.inputs import build_inputs, hf_kwargs, load_processors
+    from mm_convert.layout import ParallelLayout
+    from test_runtime import reweight
+
+    src = reweight(make_tiny_hf_checkpoint(tmp_path / "hf", family_name="InternVL"), 0.1, 10.0)
+    cfg = ModelConfig.from_hf(src)
+    tok, improc = load_processors(src)
+    inputs = build_inputs(tok, improc, cfg, "Describe this image.", default_image())
+    model = reference_class(src).from_pretrained(src).eval()
+    out = model.generate(**hf_kwargs(inputs), max_new_tokens=8, do_sample=False)
+    ref = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert len(set(ref)) > 2, ref
+    conv().hf_to_mm(src, tmp_path / "mm", tp_size=2, llm_pp_layers=[0, 4], vit_pp_layers=[2, 2])
+    got = run_local(tmp_path / "mm", cfg, ParallelLayout.create(2, [0, 4], [2, 2]), {"image": inputs},
+                    [{"kind": "generate", "case": "image",
+                      "generation": {"max_new_tokens": 8, "eos_token_id": cfg.eos_token_ids}}], timeout=600)
+    assert got == [ref]
+
+
+def tile_batch(path):
+    """Two right-padded samples: an image (its tiles) with a question and the answer, and a text-only turn;
+    labels on the answers only, one position per token."""
+    import numpy as np
+    from PIL import Image
+
+    from mm_train.config import ModelConfig
+    from mm_train.inputs import build_inputs, load_processors
+
+    cfg = ModelConfig.from_hf(path)
+    tok, ip = load_processors(path)
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (56, 84, 3), np.uint8))
+    samples = [(build_inputs(tok, ip, cfg, "What is it?", image), "A red cat on a mat."),
+               (build_inputs(tok, ip, cfg, "Hi"), "Hello there.")]
+    rows = []
+    for inputs, answer in samples:
+        a = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        rows.append((torch.cat([inputs["input_ids"][0], torch.tensor(a)]), len(a)))
+    length = max(len(r) for r, _ in rows)
+    ids, labels = torch.full((2, length), 300), torch.full((2, length), -100)
+    mask = torch.zeros((2, length), dtype=torch.long)
+    for b, (r, n) in enumerate(rows):
+        ids[b, :len(r)], labels[b, len(r) - n:len(r)], mask[b, :len(r)] = r, r[-n:], 1
+    positions = torch.arange(length).view(1, 1, -1).expand(3, 2, -1).clone()
+    return cfg, {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": positions,
+                 "pixel_values": samples[0][0]["pixel_values"]}
+
+
+@pytest.mark.parametrize("variant", ["", "6b"], ids=["300m", "6b"])
+def test_training_step_equals_transformers(hf_runtime, variant):
+    """tp 2 pp 2 (the tower split over both stages): loss, global grad norm and every gradient (vision tower,
+    projector, LLM) within 1e-5 of transformers'."""
+    from mm_convert.layout import ParallelLayout
+    from mm_train.check_grads import engine_loss_and_grads, hf_loss_and_grads
+
+    from test_family_runtime import assert_step_equal
+
+    path = hf_runtime(variant, "grads")
+    cfg, batch = tile_batch(path)
+    mm = path.parent / f"{path.name}_mm"
+    conv().hf_to_mm(path, mm, tp_size=2, llm_pp_layers=[0, 4], vit_pp_layers=[2, 2], overwrite=True)
+    ref_loss, ref = hf_loss_and_grads(path, batch)
+    loss, got = engine_loss_and_grads(mm, path, cfg, ParallelLayout.create(2, [0, 4], [2, 2]), batch)
+    assert_step_equal(loss, got, ref_loss, ref)

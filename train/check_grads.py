@@ -8,6 +8,7 @@ every gradient is compared under its HF name.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import sys
 import tempfile
@@ -29,10 +30,13 @@ def hf_loss_and_grads(hf_dir, batch: dict) -> tuple[float, dict[str, torch.Tenso
 
     model = reference_class(hf_dir).from_pretrained(hf_dir, dtype=torch.float32).train()
     ids = batch["input_ids"]
-    kw = {"input_ids": ids, "labels": batch["labels"], "attention_mask": (batch["attention_mask"]),
-          "mm_token_type_ids": (ids == model.config.image_token_id).int()}
+    kw = {"input_ids": ids, "labels": batch["labels"], "attention_mask": (batch["attention_mask"])}
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # the models with mrope take them
+        kw["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
     if "pixel_values" in batch:
-        kw.update(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+        kw["pixel_values"] = batch["pixel_values"]
+        if "image_grid_thw" in batch:
+            kw["image_grid_thw"] = batch["image_grid_thw"]
     loss = model(**kw).loss
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -33,7 +33,10 @@ def build_inputs(tokenizer, image_processor, cfg: ModelConfig, prompt: str, imag
     """One user turn (optional image, then ``prompt``) with the generation prompt appended.
 
     Returns input_ids (1, S), mm_token_type_ids (1, S) (1 on image tokens, as transformers wants them),
-    position_ids (3, 1, S) (mrope), rope_delta (int) and, with an image, pixel_values and image_grid_thw."""
+    position_ids (3, 1, S) (mrope), rope_delta (int) and, with an image, pixel_values and image_grid_thw.
+    Models whose images are fixed-size tiles (the InternViT block kind): ``build_tile_inputs``."""
+    if cfg.vision.block == "intern":
+        return build_tile_inputs(tokenizer, image_processor, cfg, prompt, image)
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
@@ -63,9 +66,43 @@ def build_inputs(tokenizer, image_processor, cfg: ModelConfig, prompt: str, imag
 
 
 def hf_kwargs(inputs: dict) -> dict:
-    """The same inputs as keyword arguments of transformers' Qwen2_5_VLForConditionalGeneration."""
-    kw = {"input_ids": inputs["input_ids"], "attention_mask": torch.ones_like(inputs["input_ids"]),
-          "mm_token_type_ids": inputs["mm_token_type_ids"]}
+    """The same inputs as keyword arguments of the family's transformers model (those the inputs have)."""
+    kw = {"input_ids": inputs["input_ids"], "attention_mask": torch.ones_like(inputs["input_ids"])}
+    if inputs.get("mm_token_type_ids") is not None:
+        kw["mm_token_type_ids"] = inputs["mm_token_type_ids"]
     if inputs.get("pixel_values") is not None:
-        kw.update(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+        kw["pixel_values"] = inputs["pixel_values"]
+        if inputs.get("image_grid_thw") is not None:
+            kw["image_grid_thw"] = inputs["image_grid_thw"]
     return kw
+
+
+def build_tile_inputs(tokenizer, image_processor, cfg: ModelConfig, prompt: str, image=None) -> dict:
+    """InternVL's inputs, as its processor makes them: the image cropped into tiles of the vision tower's size
+    (plus a thumbnail; GotOcr2's ``crop_to_patches``), the chat template's one image placeholder (the tokenizer's
+    ``context_image_token``) expanded to ``start_image_token`` + image_seq_length placeholders per tile +
+    ``end_image_token``; one position per token (1-D rope: the three rows of position_ids are equal).
+
+    Returns input_ids (1, S), position_ids (3, 1, S), rope_delta 0 and, with an image, pixel_values (tiles, C, H, W)."""
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    ctx = tokenizer.context_image_token
+    if tokenizer.convert_tokens_to_ids(ctx) != cfg.image_token_id:
+        raise ValueError(f"tokenizer's {ctx} id {tokenizer.convert_tokens_to_ids(ctx)} != the model's image_token_id "
+                         f"{cfg.image_token_id}")
+    pixel_values = None
+    if image is not None:
+        px = image_processor(images=[open_image(image).convert("RGB")], crop_to_patches=True, return_tensors="pt")
+        pixel_values = px["pixel_values"]
+        if text.count(ctx) != 1:
+            raise ValueError(f"the chat template produced {text.count(ctx)} {ctx} placeholders, expected 1")
+        tiles = int(px["num_patches"][0]) if "num_patches" in px else pixel_values.shape[0]
+        text = text.replace(ctx, tokenizer.start_image_token + ctx * (cfg.image_seq_length * tiles)
+                            + tokenizer.end_image_token)
+    input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+    position_ids = torch.arange(input_ids.shape[1]).view(1, 1, -1).expand(3, 1, -1).clone()
+    out = {"input_ids": input_ids, "position_ids": position_ids, "rope_delta": 0}
+    if pixel_values is not None:
+        out["pixel_values"] = pixel_values
+    return out

@@ -443,7 +443,7 @@ class StageModel(nn.Module):
         vit, llm = layout.layer_range("vit", pos), layout.layer_range("llm", pos)
         first_vit, last_vit = pos == layout.first_position("vit"), pos == layout.last_position("vit")
         first_llm, last_llm = pos == layout.first_position("llm"), pos == layout.last_position("llm")
-        self.image_encoder = ImageEncoder(cfg.vision, vit, first_vit, last_vit, ps.vit) if len(vit) else None
+        self.image_encoder = vision_encoder(cfg.vision, vit, first_vit, last_vit, ps.vit) if len(vit) else None
         has_output = last_llm and (not cfg.text.tie_word_embeddings or layout.pp_size > 1)
         self.vocab = cfg.text.vocab_size  # the real vocabulary: logits of padded rows are cut off (real_vocab_logits)
         self.text_decoder = TextDecoder(padded_vocab_config(cfg, layout), llm, first_llm, last_llm, has_output, ps.tp,
@@ -453,13 +453,22 @@ class StageModel(nn.Module):
         """payload: what the previous position produced; batch: this step's inputs (every rank has them)."""
         if self.image_encoder is not None and batch.get("pixel_values") is not None:
             x = payload.pop("vision_hidden", None)
-            payload.update(self.image_encoder(x, batch["pixel_values"], batch["image_grid_thw"]))
+            payload.update(self.image_encoder(x, batch["pixel_values"], batch.get("image_grid_thw")))
         if self.text_decoder is not None:
             deepstack = {k: v for k, v in payload.items() if k.startswith("deepstack_")}
             payload = self.text_decoder(payload.get("hidden"), batch["input_ids"], payload.get("image_embeds"),
                                         batch["position_ids"], cache, self.pos, deepstack)
             payload = real_vocab_logits(payload, self.vocab)
         return payload
+
+
+def vision_encoder(vc: VisionConfig, layers: range, first: bool, last: bool, group: Group) -> nn.Module:
+    """The image encoder of the config's vision block kind: the Qwen-VL line's, or InternViT's (train/internvit.py)."""
+    if vc.block == "intern":
+        from .internvit import InternImageEncoder  # it builds on this module's norms and MLP
+
+        return InternImageEncoder(vc, layers, first, last, group)
+    return ImageEncoder(vc, layers, first, last, group)
 
 
 # ---- vocabulary padding (Megatron's make_vocab_size_divisible_by) -------------------------------------------

@@ -63,5 +63,6 @@ class Runtime:
         batch = {"input_ids": inputs["input_ids"].to(dev), "position_ids": inputs["position_ids"].to(dev)}
         if inputs.get("pixel_values") is not None:
             batch["pixel_values"] = inputs["pixel_values"].to(dev)
-            batch["image_grid_thw"] = inputs["image_grid_thw"].cpu()
+            if inputs.get("image_grid_thw") is not None:  # (image tiles of one size have no grid)
+                batch["image_grid_thw"] = inputs["image_grid_thw"].cpu()
         return batch

@@ -37,6 +37,26 @@ TINY = {"": "tiny_internvl.json", "6b": "tiny_internvl_6b.json"}  # "6b": Intern
 PUBLISHED = {**{s: f"internvl3_{s}.json" for s in ("1b", "8b", "38b", "78b")},
              **{f"{s}_v2_5": f"internvl2_5_{s}.json" for s in ("1b", "8b", "38b", "78b")}}
 HF_PROCESSOR = "InternVLProcessor"
+# The tiny checkpoints' tokenizer and image processor (ids 300..: the tiny configs' image_token_id is <IMG_CONTEXT>),
+# in the form of the -hf checkpoints' files: extra special tokens naming the image tokens, InternVL's chat template
+# (an image is one <IMG_CONTEXT> the processor expands), GotOcr2's image processor cropping to 448-style tiles.
+TINY_PROCESSOR = {
+    "special_tokens": ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<video>", "<IMG_CONTEXT>",
+                       "<quad>"),
+    "extra_special_tokens": {"start_image_token": "<img>", "end_image_token": "</img>",
+                             "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    "chat_template": (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+        "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}{% elif content['type'] == 'text' %}"
+        "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"),
+    "image_processor": {"image_processor_type": "GotOcr2ImageProcessor", "crop_to_patches": False, "min_patches": 1,
+                        "max_patches": 4, "do_resize": True, "size": {"height": 56, "width": 56}, "resample": 3,
+                        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+                        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
+}
 MM_MODEL_IDS = {"vision_encoder": "InternViT", "vision_projector": "InternVLMLP", "text_decoder": "internllm"}
 TEXT_MODEL_TYPES = ("qwen2", "llama", "qwen3")  # the decoders the Megatron GPT layer describes
 

@@ -86,6 +86,8 @@ def make_tiny_hf_checkpoint(
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.copy_((1.0 + 0.1 * torch.randn_like(p, dtype=torch.float32)).to(p.dtype))
+            elif not p.any():  # initialised to zeros (InternViT's class token and positions): random too
+                p.copy_((0.02 * torch.randn_like(p, dtype=torch.float32)).to(p.dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
     if config_style in ("published", "flat"):
@@ -95,7 +97,8 @@ def make_tiny_hf_checkpoint(
     from .tiny_tokenizer import write_tiny_processor
 
     # tokenizer, chat template, image processor: the runtime and check_logits need them
-    write_tiny_processor(out, spec.HF_PROCESSOR, spec.config_from_hf(cfg, "tiny").vision.patch_size)
+    write_tiny_processor(out, spec.HF_PROCESSOR, spec.config_from_hf(cfg, "tiny").vision.patch_size,
+                         getattr(spec, "TINY_PROCESSOR", None))
     return out
 
 

@@ -57,8 +57,8 @@ IMAGE_PROCESSOR = {
 }
 
 
-def build_tokenizer():
-    """The tiny tokenizer as a ``tokenizers.Tokenizer`` (byte-level BPE, specials at 300..307)."""
+def build_tokenizer(specials: tuple[str, ...] = SPECIAL_TOKENS):
+    """The tiny tokenizer as a ``tokenizers.Tokenizer`` (byte-level BPE, ``specials`` at 300..)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -71,15 +71,20 @@ def build_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(FIRST_SPECIAL_ID, FIRST_SPECIAL_ID + 8))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    assert [tok.token_to_id(t) for t in specials] == list(range(FIRST_SPECIAL_ID, FIRST_SPECIAL_ID + len(specials)))
     assert ByteLevel.alphabet() and len(alphabet) == 256
     return tok
 
 
-def write_tiny_processor(out_dir: str | os.PathLike, processor_class: str, patch_size: int = 14) -> Path:
+def write_tiny_processor(out_dir: str | os.PathLike, processor_class: str, patch_size: int = 14,
+                         family: dict | None = None) -> Path:
     """Write tokenizer, chat template and image/processor configs into ``out_dir`` (created if missing);
-    ``processor_class`` and ``patch_size`` are the family's (its spec's HF_PROCESSOR, its vision patch)."""
+    ``processor_class`` and ``patch_size`` are the family's (its spec's HF_PROCESSOR, its vision patch);
+    ``family``: the spec's TINY_PROCESSOR where the family has other special tokens, template and image processor
+    (keys ``special_tokens``, ``extra_special_tokens``, ``chat_template``, ``image_processor``)."""
+    if family:
+        return _write_family_processor(Path(out_dir), processor_class, family)
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
@@ -102,6 +107,26 @@ def write_tiny_processor(out_dir: str | os.PathLike, processor_class: str, patch
               "size": {"shortest_edge": (2 * unit) ** 2, "longest_edge": (8 * unit) ** 2}}
     (out / "preprocessor_config.json").write_text(json.dumps(improc, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return out
+
+
+def _write_family_processor(out: Path, processor_class: str, family: dict) -> Path:
+    from transformers import PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    specials = tuple(family["special_tokens"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(specials), bos_token=None, eos_token=specials[2], pad_token=specials[0],
+        unk_token=None, model_max_length=4096, extra_special_tokens=dict(family.get("extra_special_tokens", {})))
+    tok.chat_template = family["chat_template"]
+    tok.save_pretrained(out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "Qwen2Tokenizer"
+    cfg["processor_class"] = processor_class
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    improc = {**family["image_processor"], "processor_class": processor_class}
+    (out / "preprocessor_config.json").write_text(json.dumps(improc, indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(family["chat_template"])
     return out
 
 
