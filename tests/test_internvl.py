@@ -342,3 +342,16 @@ def test_training_step_equals_transformers(hf_runtime, variant):
     ref_loss, ref = hf_loss_and_grads(path, batch)
     loss, got = engine_loss_and_grads(mm, path, cfg, ParallelLayout.create(2, [0, 4], [2, 2]), batch)
     assert_step_equal(loss, got, ref_loss, ref)
+
+
+def test_synthetic_checkpoint_of_an_internvl_config(tmp_path):
+    """Shape-real synthetic checkpoints (tests of real dimensions, benchmarks) cut InternViT's layers by its own
+    key (num_hidden_layers) and use the hub's names; they convert and verify."""
+    from mm_convert.testing.synthetic import write_synthetic_checkpoint
+
+    (tmp_path / "c.json").write_text(json.dumps(tiny_config_dict("InternVL", "6b")))
+    src = write_synthetic_checkpoint(tmp_path / "c.json", tmp_path / "hf", layers=2, vit_layers=2)
+    assert json.loads((src / "config.json").read_text())["vision_config"]["num_hidden_layers"] == 2
+    assert any(k.startswith("language_model.model.") for k in load_hf_tensors(src))
+    conv().hf_to_mm(src, tmp_path / "mm", tp_size=2, llm_pp_layers=[2], vit_pp_layers=[2])
+    assert conv().verify(src, tmp_path / "mm").ok

@@ -29,7 +29,7 @@ def write_synthetic_checkpoint(config_path: str | Path, out_dir: str | Path, *, 
             text["mlp_only_layers"] = [i for i in text["mlp_only_layers"] if i < layers]
     if vit_layers is not None:
         vis = cfg["vision_config"]
-        vis["depth"] = vit_layers
+        vis["num_hidden_layers" if "num_hidden_layers" in vis else "depth"] = vit_layers  # InternViT's / Qwen's key
         for key in ("fullatt_block_indexes", "deepstack_visual_indexes"):
             if vis.get(key):
                 vis[key] = [i for i in vis[key] if i < vit_layers] or [vit_layers - 1]
