@@ -1,5 +1,8 @@
-"""Micro-batches from encoded samples: right-padded to the longest sample of the micro-batch only (causal
-attention means real tokens never see the padding, whose labels are -100), mrope positions per sample."""
+"""Micro-batches from encoded samples, mrope positions per sample. Padded (``collate``): right-padded to the
+longest sample of the micro-batch only (causal attention means real tokens never see the padding, whose labels
+are -100). Packed (``collate_packed``, ``--packed-sequences``): the samples back to back in one row without
+padding, their bounds in ``cu_seqlens`` (attention stays inside each sample) and positions restarting with each
+sample, as MindSpeed-MM's ``use_remove_padding``; loss and gradients equal the padded batch's."""
 from __future__ import annotations
 
 import torch
@@ -33,8 +36,37 @@ def collate(samples: list[dict], cfg: ModelConfig, pad_id: int = 0) -> dict:
     return out
 
 
+def collate_packed(samples: list[dict], cfg: ModelConfig, pad_id: int = 0) -> dict:
+    """The samples concatenated: input_ids / labels (1, T), position_ids (3, 1, T) (each sample's own mrope
+    positions), cu_seqlens (int32, [0, end_1, ..., T]) and, with images, pixel_values / image_grid_thw as
+    ``collate``. The first token of every sample has label -100: the token before it (the previous sample's last)
+    must not learn to predict it, exactly as no row of a padded batch predicts its first token."""
+    ids, labels, pos, pixels, grids, cu = [], [], [], [], [], [0]
+    for s in samples:
+        k = len(s["input_ids"])
+        ids.append(torch.as_tensor(s["input_ids"], dtype=torch.long))
+        lab = torch.as_tensor(s["labels"], dtype=torch.long).clone()
+        lab[0] = IGNORE
+        labels.append(lab)
+        p, _ = mrope_positions(ids[-1][None], s.get("image_grid_thw"), cfg.image_token_id,
+                               cfg.vision.spatial_merge_size)
+        pos.append(p)
+        cu.append(cu[-1] + k)
+        if s.get("pixel_values") is not None:
+            pixels.append(s["pixel_values"])
+            grids.append(s["image_grid_thw"])
+    out = {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None], "position_ids": torch.cat(pos, dim=-1),
+           "cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
+    if pixels:
+        out.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.cat(grids))
+    return out
+
+
+HOST = ("image_grid_thw", "cu_seqlens")  # index data the model reads on the host
+
+
 def to_device(batch: dict, device) -> dict:
-    return {k: (v if k == "image_grid_thw" else v.to(device)) for k, v in batch.items()}
+    return {k: (v if k in HOST else v.to(device)) for k, v in batch.items()}
 
 
 def label_tokens(batch: dict) -> int:
@@ -54,5 +86,7 @@ def pad_to(batch: dict, length: int | None, pad_id: int = 0) -> dict:
     out["labels"] = torch.nn.functional.pad(batch["labels"], (0, extra), value=IGNORE)
     pos = batch["position_ids"]
     out["position_ids"] = torch.cat([pos, pos[..., -1:] + torch.arange(1, extra + 1)], dim=-1)
+    if "cu_seqlens" in batch:  # packed: the padding is a segment of its own
+        out["cu_seqlens"] = torch.cat([batch["cu_seqlens"], torch.tensor([length], dtype=torch.int32)])
     return out
 

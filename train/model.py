@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from mm_convert.errors import ConfigError, LayoutError
 from mm_convert.layout import ParallelLayout
 
+from . import kernels
 from .config import ModelConfig, TextConfig, VisionConfig, spec_of
 from .parallel import (ColumnLinear, GatherRows, Group, ParallelState, RowLinear, ScatterSum, VocabEmbedding,
                        row_counts, vocab_logits)
-from .positions import full_seqlens, interpolated_positions, rotate_half, text_rotary, vision_rotary, window_order
+from .positions import full_seqlens, interpolated_positions, text_rotary, vision_rotary, window_order
 from .recompute import Recompute, attention_then_mlp, run_layers
 
 
@@ -48,11 +49,8 @@ class RMSNorm(nn.Module):
         self.grad_group = grad_group
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         weight = self.grad_group.copy_in(self.weight) if self.grad_group is not None else self.weight
-        return weight * x.to(dtype)
+        return kernels.active().rms_norm(x, weight, self.eps)
 
 
 class LayerNorm(nn.Module):
@@ -78,9 +76,13 @@ class GatedMLP(nn.Module):
         self.linear_fc1 = ColumnLinear(hidden, 2 * inter_local, bias, group)
         self.linear_fc2 = RowLinear(inter_local, hidden, bias, group)
         self.act = activation(act)
+        self.swiglu = act == "silu"
 
     def forward(self, x):
-        gate, up = self.linear_fc1(x).chunk(2, dim=-1)
+        h = self.linear_fc1(x)
+        if self.swiglu:
+            return self.linear_fc2(kernels.active().swiglu(h))
+        gate, up = h.chunk(2, dim=-1)
         return self.linear_fc2(self.act(gate) * up)
 
 
@@ -136,18 +138,16 @@ class VisionAttention(nn.Module):
         self.linear_qkv = ColumnLinear(vc.hidden_size, 3 * self.heads * self.head_dim, bias=True, group=group)
         self.linear_proj = RowLinear(self.heads * self.head_dim, vc.hidden_size, bias=True, group=group)
 
-    def forward(self, x, cos, sin, cu_seqlens):
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen=None):
         n = x.shape[0]
+        kern = kernels.active()
         q, k, v = self.linear_qkv(x).view(n, self.heads, 3, self.head_dim).unbind(2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
-        bounds = cu_seqlens.tolist()
-        out = []  # attention stays inside each window (or each frame, for full-attention blocks)
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            out.append(F.scaled_dot_product_attention(qs, ks, vs).squeeze(0).transpose(0, 1))
-        return self.linear_proj(torch.cat(out).reshape(n, -1))
+        cos, sin = cos[None, :, None], sin[None, :, None]  # (1, N, 1, D) against (1, N, heads, D): BSND
+        q = kern.rotary(q.float()[None], cos, sin)[0].to(x.dtype)  # in fp32, as transformers
+        k = kern.rotary(k.float()[None], cos, sin)[0].to(x.dtype)
+        # attention stays inside each window (or each frame, for full-attention blocks)
+        out = kern.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False)
+        return self.linear_proj(out.reshape(n, -1))
 
 
 class VisionLayer(nn.Module):
@@ -264,31 +264,30 @@ class TextAttention(nn.Module):
         self.q_layernorm = RMSNorm(self.head_dim, tc.eps, group) if tc.qk_norm else None
         self.k_layernorm = RMSNorm(self.head_dim, tc.eps, group) if tc.qk_norm else None
 
-    def forward(self, x, cos, sin, cache: dict | None, key):
+    def forward(self, x, cos, sin, cache: dict | None, key, packed: tuple | None = None):
+        """``packed``: (cu_seqlens, max_seqlen) when x (1, T, hidden) holds several samples back to back
+        (causal attention stays inside each); None: a (padded) batch, with the KV ``cache`` when given."""
         b, s, _ = x.shape
+        kern = kernels.active()
         qkv = self.linear_qkv(x).view(b, s, self.groups, self.rep + 2, self.head_dim)
         q = qkv[:, :, :, :self.rep].reshape(b, s, -1, self.head_dim)
         k, v = qkv[:, :, :, self.rep], qkv[:, :, :, self.rep + 1]
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
+        if packed is not None:  # token-major (T, heads, D) throughout: no transposes
+            cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (1, T, 1, D) against (1, T, heads, D): BSND
+            q, k = kern.rotary(q, cos, sin)[0], kern.rotary(k, cos, sin)[0]
+            out = kern.varlen_attention(q, k, v[0], packed[0], packed[1], causal=True)
+            return self.linear_proj(out.reshape(b, s, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        past = 0
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, S, D) against (B, heads, S, D): BNSD
+        q, k = kern.rotary(q, cos, sin), kern.rotary(k, cos, sin)
         if cache is not None:
             if key in cache:
                 pk, pv = cache[key]
-                past = pk.shape[2]
                 k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
             cache[key] = (k, v)
-        k, v = k.repeat_interleave(self.rep, dim=1), v.repeat_interleave(self.rep, dim=1)
-        if s == 1:
-            out = F.scaled_dot_product_attention(q, k, v)
-        elif past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # several new tokens after a cached prefix
-            mask = torch.arange(past + s, device=x.device)[None, :] <= (past + torch.arange(s, device=x.device))[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = kern.attention(q, k, v, causal=True)  # grouped-query: k / v keep their own heads
         return self.linear_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -308,8 +307,7 @@ class Expert(nn.Module):
         self.linear_fc2 = RowLinear(inter_local, hidden, False, group)
 
     def forward(self, x):
-        gate, up = F.linear(x, self.linear_fc1.weight).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.linear_fc2.weight)
+        return F.linear(kernels.active().swiglu(F.linear(x, self.linear_fc1.weight)), self.linear_fc2.weight)
 
 
 class MoE(nn.Module):
@@ -375,8 +373,9 @@ class TextLayer(nn.Module):
         self.mlp = MoE(tc, group, ep) if tc.is_moe(layer) else \
             GatedMLP(tc.hidden_size, tc.intermediate_size // group.size, False, group)
 
-    def forward(self, x, cos, sin, cache, key, recompute_attention: bool = False):
-        return attention_then_mlp(self, x, lambda h: self.self_attention(h, cos, sin, cache, key), recompute_attention)
+    def forward(self, x, cos, sin, cache, key, recompute_attention: bool = False, packed: tuple | None = None):
+        return attention_then_mlp(self, x, lambda h: self.self_attention(h, cos, sin, cache, key, packed),
+                                  recompute_attention)
 
 
 class OutputLayer(nn.Module):
@@ -403,11 +402,19 @@ class TextDecoder(nn.Module):
         if last:
             self.decoder.final_layernorm = RMSNorm(tc.hidden_size, tc.eps)
         self.tied = not output_layer
+        self.real_vocab = tc.vocab_size  # the vocabulary without padded rows (StageModel sets it)
         if output_layer:
             self.output_layer = OutputLayer(tc.vocab_size // group.size, tc.hidden_size)
 
-    def forward(self, x, input_ids, image_embeds, position_ids, cache, pos, deepstack: dict | None = None):
+    def forward(self, x, input_ids, image_embeds, position_ids, cache, pos, deepstack: dict | None = None,
+                cu_seqlens: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+        """``cu_seqlens``: a packed micro-batch (input_ids (1, T): samples back to back, each attending only to
+        itself; position_ids restart with each sample). ``labels`` (training): the last position returns the
+        summed token loss ({"loss"}, see ``token_loss``) instead of the logits."""
         tc = self.cfg.text
+        packed = None
+        if cu_seqlens is not None:
+            packed = (cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
         image = input_ids == self.cfg.image_token_id
         if self.first:
             x = self.embedding.word_embeddings(input_ids)
@@ -418,7 +425,7 @@ class TextDecoder(nn.Module):
         deepstack = deepstack or {}
 
         def step(n, h, selective):
-            h = self.decoder.layers[n](h, cos, sin, cache, (pos, n), selective)
+            h = self.decoder.layers[n](h, cos, sin, cache, (pos, n), selective, packed)
             feat = deepstack.get(f"deepstack_{self.layer_ids[n]}")
             if feat is not None:
                 h = h.masked_scatter(image.unsqueeze(-1).expand_as(h), h[image] + feat.to(h.dtype))
@@ -429,17 +436,38 @@ class TextDecoder(nn.Module):
             return {"hidden": x, **deepstack}
         x = self.decoder.final_layernorm(x)
         weight = self.embedding.word_embeddings.weight if self.tied else self.output_layer.weight
+        if labels is not None:
+            return {"loss": token_loss(x, weight, self.group, labels, self.real_vocab)}
         return {"logits": vocab_logits(x, weight, self.group)}
 
     recompute = Recompute()  # training sets the LLM's policy (train.engine)
 
 
+IGNORE = -100  # train.data.IGNORE: a position without a label
+
+
+def token_loss(h: torch.Tensor, weight: torch.Tensor, group: Group, labels: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The summed next-token cross-entropy (fp32) of the final hidden states ``h`` (B, S, hidden): position s
+    predicts labels[s + 1]. Only the positions that have a label go through the output layer (prompt, image and
+    padding tokens are most of a fine-tuning sample and their logits would add nothing to the loss or the
+    gradients); the logits of the padded vocabulary rows (beyond ``vocab``) are left out of the softmax."""
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1).to(h.device)
+    rows = (target != IGNORE).nonzero().squeeze(1)
+    logits = vocab_logits(h.reshape(-1, h.shape[-1]).index_select(0, rows), weight, group)
+    if logits.shape[-1] > vocab:
+        logits = logits[:, :vocab]
+    return F.cross_entropy(logits.float(), target.index_select(0, rows), reduction="sum")
+
+
 # ---- one pipeline position -----------------------------------------------------------------------------------
 
 class StageModel(nn.Module):
+    returns_loss = False  # training (train.engine) sets it: the last LLM position returns {"loss"} of batch["labels"]
+
     def __init__(self, cfg: ModelConfig, layout: ParallelLayout, pos: int, ps: ParallelState):
         super().__init__()
         self.pos = pos
+        kernels.use(ps.device)  # attention / norm / rotary / SwiGLU kernels for this device, picked once and said
         vit, llm = layout.layer_range("vit", pos), layout.layer_range("llm", pos)
         first_vit, last_vit = pos == layout.first_position("vit"), pos == layout.last_position("vit")
         first_llm, last_llm = pos == layout.first_position("llm"), pos == layout.last_position("llm")
@@ -448,6 +476,8 @@ class StageModel(nn.Module):
         self.vocab = cfg.text.vocab_size  # the real vocabulary: logits of padded rows are cut off (real_vocab_logits)
         self.text_decoder = TextDecoder(padded_vocab_config(cfg, layout), llm, first_llm, last_llm, has_output, ps.tp,
                                         ps.ep) if len(llm) else None
+        if self.text_decoder is not None:
+            self.text_decoder.real_vocab = self.vocab
 
     def forward(self, payload: dict, batch: dict, cache: dict | None) -> dict:
         """payload: what the previous position produced; batch: this step's inputs (every rank has them)."""
@@ -457,7 +487,8 @@ class StageModel(nn.Module):
         if self.text_decoder is not None:
             deepstack = {k: v for k, v in payload.items() if k.startswith("deepstack_")}
             payload = self.text_decoder(payload.get("hidden"), batch["input_ids"], payload.get("image_embeds"),
-                                        batch["position_ids"], cache, self.pos, deepstack)
+                                        batch["position_ids"], cache, self.pos, deepstack, batch.get("cu_seqlens"),
+                                        batch.get("labels") if self.returns_loss else None)
             payload = real_vocab_logits(payload, self.vocab)
         return payload
 

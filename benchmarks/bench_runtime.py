@@ -1,0 +1,500 @@
+"""The training runtime (train/, ``mm_train``) against transformers on the same model, samples and threads.
+
+    python benchmarks/bench_runtime.py                         # CPU, fp32: results in benchmarks/runtime_results.{md,json}
+    python benchmarks/bench_runtime.py --steps 2 --rounds 1    # quicker
+    python benchmarks/bench_runtime.py --device cuda           # a GPU: generation tokens/s on a shape-real 3B (bf16)
+
+Model: a published config (``--config``, default Qwen2.5-VL 3B, mm_convert/data/qwen2_5_vl_3b.json) cut in depth to
+``--llm-layers`` LLM layers and ``--vit-layers`` vision blocks (the last one a full-attention block, the others
+window attention), real widths and vocabulary; random weights written by mm_convert.testing.synthetic (fp32 on
+CPU), converted to MM shards (tp1) by the converter. Transformers loads the HF directory, the runtime the MM one.
+
+Samples: ``--samples`` image+text samples of varied length built from token ids (no tokenizer needed): a prompt,
+an image of its own size (random pixels), a reply whose tokens carry the labels. They form one global batch,
+``--micro-batch`` samples per micro-batch (gradient accumulation over the rest), the same for every side.
+
+Training (each side in its own fresh subprocess, so its peak RSS (VmHWM) is its own; torch threads set to
+``--threads`` on every side):
+
+- ``transformers``: Qwen2_5_VLForConditionalGeneration (its default attention, sdpa), right-padded micro-batches
+  with attention masks, loss with ``num_items_in_batch`` = the global batch's label tokens (the token mean over the
+  global batch, as the runtime's), backward, clip_grad_norm_ 1.0, AdamW;
+- ``ours``: ``mm_train.engine.TrainModel`` (one rank, gloo) driven like ``mm_train.finetune``'s loop:
+  forward_backward per micro-batch, reduce_grads, clip_grads 1.0, the run's AdamW (``make_optimizer``);
+- ``ours-packed``: the same with packed micro-batches (``--packed-sequences``: samples concatenated without padding,
+  per-sample attention bounds and mrope positions).
+
+Both optimizers are torch's per-tensor AdamW (foreach=False, the runtime's choice), lr 1e-5, no weight decay; the
+vision encoder is trained. Each side runs ``--warmup`` untimed steps, then ``--steps`` timed steps; the whole set
+of sides is repeated ``--rounds`` times, interleaved (the machine is shared; its speed drifts). Every step time is
+recorded; the table gives the best and the median.
+
+Generation: the same image+text prompt, greedy, ``--new-tokens`` new tokens (eos ignored) with KV cache:
+``mm_train.generate`` on one rank against transformers' ``generate``; the ids must agree. Tokens/s = new tokens
+/ wall time of the call (prefill included); the prefill (one new token) is timed on its own as well.
+
+Sampler: the bucket-vs-random step-time comparison is ``benchmarks/bench_sampler.py``
+(``benchmarks/sampler_results.md``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+IGNORE = -100
+
+# (image height, width in pixels, prompt text tokens, reply tokens): 300-480 tokens each; micro-batches of two pair
+# a long sample with a short one (padding ~ 30% of a padded micro-batch)
+SAMPLES = [(448, 448, 80, 120), (336, 336, 60, 90), (448, 392, 100, 150), (392, 336, 70, 60),
+           (448, 336, 90, 100), (308, 308, 40, 70), (392, 448, 60, 130), (336, 280, 50, 80)]
+
+
+# ---- model and samples (parent) -----------------------------------------------------------------------------
+def build_model(work: Path, config: Path, llm_layers: int, vit_layers: int, dtype: str) -> tuple[Path, Path]:
+    import torch
+
+    from mm_convert import Qwen2_5_VLConverter
+    from mm_convert.testing.synthetic import write_synthetic_checkpoint
+
+    hf, mm = work / "hf", work / "mm"
+    if not (hf / "config.json").exists():
+        write_synthetic_checkpoint(config, hf, layers=llm_layers, vit_layers=vit_layers, dtype=getattr(torch, dtype))
+        cfg = json.loads((hf / "config.json").read_text())
+        cfg["torch_dtype"] = dtype
+        (hf / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if not (mm / "latest_checkpointed_iteration.txt").exists():
+        Qwen2_5_VLConverter(progress=False).hf_to_mm(hf, mm, tp_size=1, overwrite=True)
+    return hf, mm
+
+
+def make_samples(hf: Path, n: int, seed: int = 0) -> list[dict]:
+    """Encoded samples (train.data.encode's format) from token ids and random pixels."""
+    import torch
+
+    cfg = json.loads((hf / "config.json").read_text())
+    vc = cfg["vision_config"]
+    patch, merge, tps = vc["patch_size"], vc["spatial_merge_size"], vc.get("temporal_patch_size", 2)
+    g = torch.Generator().manual_seed(seed)
+    text_hi = min(cfg["bos_token_id"], cfg["vision_start_token_id"])  # ordinary tokens only
+    out = []
+    for i in range(n):
+        h, w, prompt, reply = SAMPLES[i % len(SAMPLES)]
+        gh, gw = h // patch, w // patch
+        n_img = gh * gw // merge ** 2
+        pre = torch.randint(0, text_hi, (prompt // 2,), generator=g)
+        post = torch.randint(0, text_hi, (prompt - prompt // 2,), generator=g)
+        ans = torch.randint(0, text_hi, (reply,), generator=g)
+        ids = torch.cat([pre, torch.tensor([cfg["vision_start_token_id"]]),
+                         torch.full((n_img,), cfg["image_token_id"]), torch.tensor([cfg["vision_end_token_id"]]),
+                         post, ans, torch.tensor([cfg["eos_token_id"]])])
+        labels = ids.clone()
+        labels[:len(ids) - reply - 1] = IGNORE
+        pixels = torch.randn(gh * gw, vc.get("in_chans", 3) * tps * patch * patch, generator=g)
+        out.append({"input_ids": ids, "labels": labels, "pixel_values": pixels,
+                    "image_grid_thw": torch.tensor([[1, gh, gw]])})
+    return out
+
+
+# ---- workers (each in its own process) -----------------------------------------------------------------------
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_now() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _dist_env() -> None:
+    from mm_train.launch import free_port
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+
+
+def micro_batches(samples: list[dict], mbs: int) -> list[list[dict]]:
+    return [samples[i:i + mbs] for i in range(0, len(samples), mbs)]
+
+
+def worker_train_hf(job: dict) -> dict:
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from mm_train.batch import collate, label_tokens
+    from mm_train.config import ModelConfig
+
+    device = torch.device(job["device"])
+    cfg = ModelConfig.from_hf(job["hf"])
+    samples = torch.load(job["samples"], weights_only=True)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(job["hf"], dtype=torch.float32).to(device).train()
+    batches = []
+    for mb in micro_batches(samples, job["micro_batch"]):
+        b = collate(mb, cfg)
+        mask = torch.zeros_like(b["input_ids"])
+        for i, s in enumerate(mb):
+            mask[i, :len(s["input_ids"])] = 1
+        kw = {"input_ids": b["input_ids"], "labels": b["labels"], "attention_mask": mask,
+              "mm_token_type_ids": (b["input_ids"] == cfg.image_token_id).int(),
+              "pixel_values": b["pixel_values"], "image_grid_thw": b["image_grid_thw"]}
+        batches.append((kw, label_tokens(b)))
+    denom = sum(n for _, n in batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, foreach=False)
+    loaded = rss_now()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for kw, _ in batches:
+            kw = {k: v.to(device) for k, v in kw.items()}
+            loss = model(**kw, num_items_in_batch=torch.tensor(denom, device=device)).loss
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return total
+
+    return timed_steps(step, job, loaded, attn=model.config._attn_implementation)
+
+
+def worker_train_ours(job: dict) -> dict:
+    import torch
+
+    from mm_convert.layout import ParallelLayout
+    from mm_train.batch import collate, label_tokens, to_device
+    from mm_train.config import ModelConfig
+    from mm_train.engine import TrainModel
+    from mm_train.optimizer import make_optimizer
+
+    _dist_env()
+    cfg = ModelConfig.from_hf(job["hf"])
+    layout = ParallelLayout.create(1, [cfg.text.num_layers], [cfg.vision.depth])
+    samples = torch.load(job["samples"], weights_only=True)
+    tm = TrainModel(cfg, layout, job["mm"], train_vit=True)
+    args = argparse.Namespace(weight_decay=0.0, lr=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8)
+    opt = make_optimizer(args, tm)
+    packed = job["side"] == "ours-packed"
+    if packed:
+        from mm_train.batch import collate_packed
+        batches = [collate_packed(mb, cfg) for mb in micro_batches(samples, job["micro_batch"])]
+    else:
+        batches = [collate(mb, cfg) for mb in micro_batches(samples, job["micro_batch"])]
+    denom = float(sum(label_tokens(b) for b in batches))
+    loaded = rss_now()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for b in batches:
+            total += float(tm.forward_backward(to_device(b, tm.ps.device), denom)) / denom
+        tm.reduce_grads()
+        tm.clip_grads(1.0)
+        opt.step()
+        return total
+
+    return timed_steps(step, job, loaded)
+
+
+def timed_steps(step, job: dict, loaded: int, **extra) -> dict:
+    import torch
+
+    times, cpu, losses = [], [], []
+    sync = torch.cuda.synchronize if job["device"] == "cuda" else (lambda: None)
+    for i in range(job["warmup"] + job["steps"]):
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        losses.append(step())
+        sync()
+        if i >= job["warmup"]:
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    out = {"step_s": times, "cpu_s": cpu, "losses": losses, "rss_loaded": loaded, "peak_rss": peak_rss(), **extra}
+    if job.get("profile"):  # one more step under torch.profiler: where the time goes, by operator
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if job["device"] == "cuda" else [])
+        with profile(activities=acts, record_shapes=False) as prof:
+            step()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
+        Path(job["profile"]).write_text(table)
+    if job["device"] == "cuda":
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def prompt_inputs(hf: str, cfg, device: str, seed: int = 1) -> dict:
+    """One image (448 x 448) + text prompt, as train.inputs.build_inputs returns it."""
+    import torch
+
+    from mm_train.positions import mrope_positions
+
+    s = make_samples(Path(hf), 3, seed)[2]
+    ids = s["input_ids"][None, :-(int((s["labels"] != IGNORE).sum()))]  # the prompt part only
+    pos, delta = mrope_positions(ids, s["image_grid_thw"], cfg.image_token_id, cfg.vision.spatial_merge_size)
+    return {"input_ids": ids, "mm_token_type_ids": (ids == cfg.image_token_id).int(), "position_ids": pos,
+            "rope_delta": delta, "pixel_values": s["pixel_values"].to(torch.float32), "image_grid_thw": s["image_grid_thw"]}
+
+
+def worker_generate_hf(job: dict) -> dict:
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from mm_train.config import ModelConfig
+    from mm_train.inputs import hf_kwargs
+
+    device = torch.device(job["device"])
+    dtype = getattr(torch, job["dtype"])
+    cfg = ModelConfig.from_hf(job["hf"])
+    inputs = prompt_inputs(job["hf"], cfg, job["device"])
+    kwargs = {"attn_implementation": "sdpa"} if job["device"] == "cuda" else {}
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(job["hf"], dtype=dtype, **kwargs).to(device).eval()
+    model.generation_config.eos_token_id = None
+    kw = {k: v.to(device) for k, v in hf_kwargs(inputs).items()}
+    kw["pixel_values"] = kw["pixel_values"].to(dtype)
+    def gen(k):
+        with torch.inference_mode():
+            out = model.generate(**kw, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    return timed_generation(gen, job, prompt_len=inputs["input_ids"].shape[1])
+
+
+def worker_generate_ours(job: dict) -> dict:
+    from mm_convert.layout import ParallelLayout
+    from mm_train.config import ModelConfig
+    from mm_train.generate import GenerationConfig, generate
+    from mm_train.runtime import Runtime
+
+    _dist_env()
+    cfg = ModelConfig.from_hf(job["hf"])
+    layout = ParallelLayout.create(1, [cfg.text.num_layers], [cfg.vision.depth])
+    inputs = prompt_inputs(job["hf"], cfg, job["device"])
+    rt = Runtime(cfg, layout, job["mm"])
+    dtype = next(rt.stages[0].parameters()).dtype
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+
+    def gen(k):
+        return generate(rt, inputs, GenerationConfig(max_new_tokens=k, eos_token_id=()))
+
+    return timed_generation(gen, job, prompt_len=inputs["input_ids"].shape[1])
+
+
+def timed_generation(gen, job: dict, prompt_len: int) -> dict:
+    import torch
+
+    sync = torch.cuda.synchronize if job["device"] == "cuda" else (lambda: None)
+    gen(2)  # warm-up
+    prefill, full, ids = [], [], None
+    for _ in range(job["gen_runs"]):
+        sync()
+        t0 = time.perf_counter()
+        gen(1)
+        sync()
+        prefill.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ids = gen(job["new_tokens"])
+        sync()
+        full.append(time.perf_counter() - t0)
+    return {"prefill_s": prefill, "generate_s": full, "ids": ids, "prompt_len": prompt_len,
+            "peak_rss": peak_rss()}
+
+
+WORKERS = {"train:transformers": worker_train_hf, "train:ours": worker_train_ours,
+           "train:ours-packed": worker_train_ours, "generate:transformers": worker_generate_hf,
+           "generate:ours": worker_generate_ours}
+
+
+def worker(job_path: str) -> None:
+    import torch
+
+    job = json.loads(Path(job_path).read_text())
+    torch.set_num_threads(job["threads"])
+    res = WORKERS[job["kind"]](job)
+    res["threads"] = torch.get_num_threads()
+    Path(job["out"]).write_text(json.dumps(res))
+
+
+def run_worker(job: dict, work: Path) -> dict:
+    tag = job["kind"].replace(":", "_")
+    path = work / f"job_{tag}.json"
+    job = {**job, "out": str(work / f"out_{tag}.json")}
+    path.write_text(json.dumps(job))
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    t0, load = time.monotonic(), os.getloadavg()[0]
+    proc = subprocess.run([sys.executable, __file__, "--worker", str(path)], env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{job['kind']} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    res = json.loads(Path(job["out"]).read_text())
+    res["wall_s"], res["load_before"], res["load_after"] = time.monotonic() - t0, load, os.getloadavg()[0]
+    return res
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "train", "benchmarks/bench_runtime.py"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return head + (" (train/ modified)" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def gib(b: float) -> str:
+    return f"{b / 2**30:.2f}"
+
+
+def report(meta: dict, train: dict, gen: dict, out: Path) -> None:
+    lines = [f"# Runtime vs transformers ({meta['device']})", "",
+             f"Command: `{meta['command']}`  ", f"Date: {meta['date']}, git commit {meta['commit']}  ",
+             f"Machine: {meta['machine']}  ",
+             f"Model: {meta['model']}  ", f"Samples: {meta['samples_desc']}  ",
+             f"Threads: torch.set_num_threads({meta['threads']}) on every side; each side in its own process, "
+             f"{meta['warmup']} warm-up step(s) then {meta['steps']} timed, {meta['rounds']} round(s) interleaved.", ""]
+    if train:
+        ref = train.get("transformers") or next(iter(train.values()))
+        base = min(t for r in ref for t in r["step_s"])
+        base_cpu = min(t for r in ref for t in r["cpu_s"])
+        base_rss = max(r["peak_rss"] for r in ref)
+        lines += ["## Training step", "",
+                  "Wall: seconds per optimizer step; CPU: the process's CPU seconds in that step (all threads; less "
+                  "sensitive to other load on a shared machine). Ratios against transformers' best.", "",
+                  "| side | best wall s | median wall s | wall vs transformers | best CPU s | CPU vs transformers "
+                  "| peak RSS GiB (vs transformers) | RSS after load GiB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for side, runs in train.items():
+            steps = [t for r in runs for t in r["step_s"]]
+            cpu = [t for r in runs for t in r["cpu_s"]]
+            rss = max(r["peak_rss"] for r in runs)
+            lines.append(f"| {side} | {min(steps):.2f} | {statistics.median(steps):.2f} | {min(steps) / base:.2f}x | "
+                         f"{min(cpu):.2f} | {min(cpu) / base_cpu:.2f}x | {gib(rss)} ({rss / base_rss:.2f}x) | "
+                         f"{gib(max(r['rss_loaded'] for r in runs))} |")
+        lines += ["", "Every step, by round (wall s / CPU s; load average of the machine before and after the side's "
+                  "process):", ""]
+        for side, runs in train.items():
+            for k, r in enumerate(runs):
+                lines.append(f"- {side}, round {k}: " + ", ".join(f"{w:.2f} / {c:.2f}" for w, c in
+                                                                   zip(r["step_s"], r["cpu_s"]))
+                             + f" (load {r['load_before']:.1f} -> {r['load_after']:.1f}; peak RSS {gib(r['peak_rss'])})")
+        lines += ["", "Loss of the first step (the same samples and weights): "
+                  + ", ".join(f"{s} {runs[0]['losses'][0]:.6f}" for s, runs in train.items()), ""]
+    if gen:
+        lines += ["## Generation (greedy, KV cache)", "",
+                  f"Prompt {gen['transformers'][0]['prompt_len']} tokens (one image), {meta['new_tokens']} new tokens.", "",
+                  "| side | tokens/s (best) | generate s (every run) | prefill s (every run) | peak RSS GiB | ids equal |",
+                  "|---|---|---|---|---|---|"]
+        ref = gen["transformers"][0]["ids"]
+        for side, runs in gen.items():
+            g = [t for r in runs for t in r["generate_s"]]
+            p = [t for r in runs for t in r["prefill_s"]]
+            lines.append(f"| {side} | {meta['new_tokens'] / min(g):.2f} | {', '.join(f'{t:.3f}' for t in g)} | "
+                         f"{', '.join(f'{t:.3f}' for t in p)} | {gib(max(r['peak_rss'] for r in runs))} | "
+                         f"{all(r['ids'] == ref for r in runs)} |")
+        lines.append("")
+    lines += ["## Sampler", "", "BucketBatchSampler vs random step time on a length-varied set: "
+              "`benchmarks/bench_sampler.py`, results in `benchmarks/sampler_results.md`.", ""]
+    out.with_suffix(".md").write_text("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "train": train, "generate": gen}, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    a = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    a.add_argument("--worker")
+    a.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    a.add_argument("--config", default=str(REPO / "mm_convert/data/qwen2_5_vl_3b.json"))
+    a.add_argument("--llm-layers", type=int, default=2)
+    a.add_argument("--vit-layers", type=int, default=2)
+    a.add_argument("--samples", type=int, default=4)
+    a.add_argument("--micro-batch", type=int, default=2)
+    a.add_argument("--threads", type=int, default=2)
+    a.add_argument("--warmup", type=int, default=1)
+    a.add_argument("--steps", type=int, default=3)
+    a.add_argument("--rounds", type=int, default=1)
+    a.add_argument("--new-tokens", type=int, default=32)
+    a.add_argument("--gen-runs", type=int, default=3)
+    a.add_argument("--sides", default="transformers,ours,ours-packed")
+    a.add_argument("--what", default="train,generate")
+    a.add_argument("--workdir", help="keep the checkpoints here (reused by later runs)")
+    a.add_argument("--profile", action="store_true", help="one more training step per side under torch.profiler; "
+                   "the operator tables go to the workdir (profile_<side>.txt)")
+    a.add_argument("--out", default=str(REPO / "benchmarks" / "runtime_results"))
+    args = a.parse_args()
+    if args.worker:
+        return worker(args.worker)
+    if args.device == "cuda":
+        return cuda_main(args)
+    tmp = None
+    if args.workdir:
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_runtime_")
+        work = Path(tmp.name)
+    t0 = time.monotonic()
+    hf, mm = build_model(work, Path(args.config), args.llm_layers, args.vit_layers, "float32")
+    print(f"checkpoints ready in {time.monotonic() - t0:.0f} s", flush=True)
+    import torch
+    samples = make_samples(hf, args.samples)
+    torch.save(samples, work / "samples.pt")
+    base = {"hf": str(hf), "mm": str(mm), "samples": str(work / "samples.pt"), "threads": args.threads,
+            "device": "cpu", "dtype": "float32", "micro_batch": args.micro_batch, "warmup": args.warmup,
+            "steps": args.steps, "new_tokens": args.new_tokens, "gen_runs": args.gen_runs}
+    sides = args.sides.split(",")
+    train: dict = {s: [] for s in sides} if "train" in args.what else {}
+    gen: dict = {s: [] for s in sides if s != "ours-packed"} if "generate" in args.what else {}
+    for r in range(args.rounds):
+        for s in train:
+            prof = {"profile": str(work / f"profile_{s}.txt")} if args.profile else {}
+            res = run_worker({**base, "kind": f"train:{s}", "side": s, **prof}, work)
+            train[s].append(res)
+            print(f"round {r} train {s}: steps {[round(t, 2) for t in res['step_s']]} s, peak RSS "
+                  f"{gib(res['peak_rss'])} GiB, losses {[round(x, 5) for x in res['losses']]}", flush=True)
+        for s in gen:
+            res = run_worker({**base, "kind": f"generate:{s}", "side": s}, work)
+            gen[s].append(res)
+            print(f"round {r} generate {s}: {[round(t, 3) for t in res['generate_s']]} s for {args.new_tokens} tokens, "
+                  f"prefill {[round(t, 3) for t in res['prefill_s']]} s", flush=True)
+    cfg = json.loads((hf / "config.json").read_text())
+    lens = [len(s["input_ids"]) for s in samples]
+    meta = {"command": "python " + " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:]),
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": git_commit(),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                       f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, torch "
+                       f"{torch.__version__}, transformers {__import__('transformers').__version__}, "
+                       f"Python {platform.python_version()}",
+            "device": "CPU, fp32",
+            "model": f"{Path(args.config).name} cut to {cfg['num_hidden_layers']} LLM layers and "
+                     f"{cfg['vision_config']['depth']} vision blocks (full attention: "
+                     f"{cfg['vision_config']['fullatt_block_indexes']}), hidden {cfg['hidden_size']}, vocab "
+                     f"{cfg['vocab_size']}, fp32, random weights",
+            "samples_desc": f"{len(samples)} image+text samples of {lens} tokens (images "
+                            f"{[tuple(s['image_grid_thw'][0].tolist()) for s in samples]} patches), micro-batch "
+                            f"{args.micro_batch}, one global batch of {len(samples)} per step",
+            "threads": args.threads, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
+            "new_tokens": args.new_tokens}
+    report(meta, train, gen, Path(args.out))
+    if tmp:
+        tmp.cleanup()
+
+
+def cuda_main(args) -> None:
+    raise SystemExit("--device cuda: see below")
+
+
+if __name__ == "__main__":
+    main()
