@@ -45,7 +45,7 @@ def launch_local(module: str, args: list[str], nprocs: int, *, timeout: float | 
         deadline = time.monotonic() + timeout if timeout else float("inf")
         try:
             while any(p.poll() is None for p in procs):
-                if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                if _failed(procs, tmp) or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
         finally:
@@ -55,7 +55,7 @@ def launch_local(module: str, args: list[str], nprocs: int, *, timeout: float | 
                     p.wait()
             for log in logs:
                 log.close()
-        failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+        failed = _failed(procs, tmp)
         if not failed:
             return
         # The root cause is the first error recorded; the other ranks then fail on closed connections.
@@ -70,6 +70,13 @@ def launch_local(module: str, args: list[str], nprocs: int, *, timeout: float | 
             raise TimeoutError(f"{module}: {nprocs} ranks did not finish within {timeout:.0f}s")
         tail = (Path(tmp) / f"rank{failed[0]}.log").read_text()[-3000:]
         raise RuntimeError(f"{module}: rank {failed[0]} exited with code {procs[failed[0]].returncode}:\n{tail}")
+
+
+def _failed(procs, tmp: str) -> list[int]:
+    """Ranks that exited non-zero before finishing their work. A rank that finished (its done marker, written
+    after the closing barrier) and then aborted while gloo tore down (SIGABRT, "terminate called without an
+    active exception", seen under heavy load) has done everything it had to."""
+    return [r for r, p in enumerate(procs) if p.returncode not in (None, 0) and not Path(tmp, f"rank{r}.done").exists()]
 
 
 def _our_error(name: str) -> bool:
@@ -126,4 +133,13 @@ def worker_main(fn, *args) -> None:
         # every rank reaches the end before any tears down: gloo aborts a rank ("terminate called without an
         # active exception") whose peer destroys the group while its last messages are still in flight
         dist.barrier()
+        _mark_done()
         dist.destroy_process_group()
+    else:
+        _mark_done()
+
+
+def _mark_done() -> None:
+    err_dir = os.environ.get(ERROR_DIR_ENV)
+    if err_dir:
+        Path(err_dir, f"rank{os.environ.get('RANK', 0)}.done").touch()
