@@ -68,7 +68,8 @@ def build_model(work: Path, config: Path, llm_layers: int, vit_layers: int, dtyp
     from mm_convert import Qwen2_5_VLConverter
     from mm_convert.testing.synthetic import write_synthetic_checkpoint
 
-    hf, mm = work / "hf", work / "mm"
+    tag = f"L{llm_layers or 'all'}-V{vit_layers or 'all'}-{dtype}"
+    hf, mm = work / f"hf-{tag}", work / f"mm-{tag}"
     if not (hf / "config.json").exists():
         write_synthetic_checkpoint(config, hf, layers=llm_layers, vit_layers=vit_layers, dtype=getattr(torch, dtype))
         cfg = json.loads((hf / "config.json").read_text())
@@ -318,10 +319,23 @@ WORKERS = {"train:transformers": worker_train_hf, "train:ours": worker_train_our
            "generate:ours": worker_generate_ours}
 
 
+def import_train_from(path: str) -> None:
+    """Make ``mm_train`` the runtime in ``path`` (another commit's train/, for a before / after comparison)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mm_train", Path(path) / "__init__.py",
+                                                  submodule_search_locations=[str(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mm_train"] = module
+    spec.loader.exec_module(module)
+
+
 def worker(job_path: str) -> None:
     import torch
 
     job = json.loads(Path(job_path).read_text())
+    if job.get("train_dir"):
+        import_train_from(job["train_dir"])
     torch.set_num_threads(job["threads"])
     res = WORKERS[job["kind"]](job)
     res["threads"] = torch.get_num_threads()
@@ -329,7 +343,7 @@ def worker(job_path: str) -> None:
 
 
 def run_worker(job: dict, work: Path) -> dict:
-    tag = job["kind"].replace(":", "_")
+    tag = (job["kind"].split(":")[0] + "_" + job["side"]).replace("@", "_")
     path = work / f"job_{tag}.json"
     job = {**job, "out": str(work / f"out_{tag}.json")}
     path.write_text(json.dumps(job))
@@ -417,27 +431,36 @@ def main() -> None:
     a.add_argument("--worker")
     a.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a.add_argument("--config", default=str(REPO / "mm_convert/data/qwen2_5_vl_3b.json"))
-    a.add_argument("--llm-layers", type=int, default=2)
-    a.add_argument("--vit-layers", type=int, default=2)
+    a.add_argument("--llm-layers", type=int, help="LLM layers kept (default: 2 on CPU, all on CUDA)")
+    a.add_argument("--vit-layers", type=int, help="vision blocks kept (default: 2 on CPU, all on CUDA)")
     a.add_argument("--samples", type=int, default=4)
     a.add_argument("--micro-batch", type=int, default=2)
     a.add_argument("--threads", type=int, default=2)
     a.add_argument("--warmup", type=int, default=1)
     a.add_argument("--steps", type=int, default=3)
     a.add_argument("--rounds", type=int, default=1)
-    a.add_argument("--new-tokens", type=int, default=32)
+    a.add_argument("--new-tokens", type=int, help="default: 32 on CPU, 128 on CUDA")
     a.add_argument("--gen-runs", type=int, default=3)
     a.add_argument("--sides", default="transformers,ours,ours-packed")
-    a.add_argument("--what", default="train,generate")
+    a.add_argument("--what", help="train,generate (CPU default); generate (CUDA default)")
     a.add_argument("--workdir", help="keep the checkpoints here (reused by later runs)")
+    a.add_argument("--baseline", metavar="COMMIT", help="also train with the runtime of this commit (a git worktree "
+                   "in the workdir), side 'ours@COMMIT': the before of a before / after")
     a.add_argument("--profile", action="store_true", help="one more training step per side under torch.profiler; "
                    "the operator tables go to the workdir (profile_<side>.txt)")
-    a.add_argument("--out", default=str(REPO / "benchmarks" / "runtime_results"))
+    a.add_argument("--out", help="results file stem (default benchmarks/runtime_results, _cuda on CUDA)")
     args = a.parse_args()
     if args.worker:
         return worker(args.worker)
-    if args.device == "cuda":
-        return cuda_main(args)
+    cuda = args.device == "cuda"
+    # CUDA: the whole 3B (shape-real) in bf16, generation only by default: a short run (a few minutes)
+    cut = (None, None) if cuda else (2, 2)
+    args.llm_layers = args.llm_layers if args.llm_layers is not None else cut[0]
+    args.vit_layers = args.vit_layers if args.vit_layers is not None else cut[1]
+    args.new_tokens = args.new_tokens or (128 if cuda else 32)
+    args.what = args.what or ("generate" if cuda else "train,generate")
+    args.out = args.out or str(REPO / "benchmarks" / ("runtime_results_cuda" if cuda else "runtime_results"))
+    dtype = "bfloat16" if cuda else "float32"
     tmp = None
     if args.workdir:
         work = Path(args.workdir)
@@ -446,21 +469,33 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory(prefix="bench_runtime_")
         work = Path(tmp.name)
     t0 = time.monotonic()
-    hf, mm = build_model(work, Path(args.config), args.llm_layers, args.vit_layers, "float32")
+    hf, mm = build_model(work, Path(args.config), args.llm_layers, args.vit_layers, dtype)
     print(f"checkpoints ready in {time.monotonic() - t0:.0f} s", flush=True)
     import torch
     samples = make_samples(hf, args.samples)
     torch.save(samples, work / "samples.pt")
     base = {"hf": str(hf), "mm": str(mm), "samples": str(work / "samples.pt"), "threads": args.threads,
-            "device": "cpu", "dtype": "float32", "micro_batch": args.micro_batch, "warmup": args.warmup,
+            "device": args.device, "dtype": dtype, "micro_batch": args.micro_batch, "warmup": args.warmup,
             "steps": args.steps, "new_tokens": args.new_tokens, "gen_runs": args.gen_runs}
     sides = args.sides.split(",")
     train: dict = {s: [] for s in sides} if "train" in args.what else {}
     gen: dict = {s: [] for s in sides if s != "ours-packed"} if "generate" in args.what else {}
+    dirs = {}
+    if args.baseline:
+        rev = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        tree = work / f"baseline-{rev}"
+        if not tree.exists():
+            subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=REPO, check=True,
+                           capture_output=True)
+        side = f"ours@{rev}"
+        train = {side: [], **train} if train else train
+        dirs[side] = str(tree / "train")
     for r in range(args.rounds):
         for s in train:
-            prof = {"profile": str(work / f"profile_{s}.txt")} if args.profile else {}
-            res = run_worker({**base, "kind": f"train:{s}", "side": s, **prof}, work)
+            prof = {"profile": str(work / f"profile_{s}.txt")} if args.profile and r == 0 else {}
+            kind = "train:ours" if s.startswith("ours@") else f"train:{s}"
+            res = run_worker({**base, "kind": kind, "side": s, "train_dir": dirs.get(s), **prof}, work)
             train[s].append(res)
             print(f"round {r} train {s}: steps {[round(t, 2) for t in res['step_s']]} s, peak RSS "
                   f"{gib(res['peak_rss'])} GiB, losses {[round(x, 5) for x in res['losses']]}", flush=True)
@@ -477,23 +512,21 @@ def main() -> None:
                        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, torch "
                        f"{torch.__version__}, transformers {__import__('transformers').__version__}, "
                        f"Python {platform.python_version()}",
-            "device": "CPU, fp32",
+            "device": f"CUDA ({torch.cuda.get_device_name()}), bf16" if cuda else "CPU, fp32",
             "model": f"{Path(args.config).name} cut to {cfg['num_hidden_layers']} LLM layers and "
                      f"{cfg['vision_config']['depth']} vision blocks (full attention: "
                      f"{cfg['vision_config']['fullatt_block_indexes']}), hidden {cfg['hidden_size']}, vocab "
-                     f"{cfg['vocab_size']}, fp32, random weights",
+                     f"{cfg['vocab_size']}, {'bf16' if cuda else 'fp32'}, random weights",
             "samples_desc": f"{len(samples)} image+text samples of {lens} tokens (images "
                             f"{[tuple(s['image_grid_thw'][0].tolist()) for s in samples]} patches), micro-batch "
                             f"{args.micro_batch}, one global batch of {len(samples)} per step",
             "threads": args.threads, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
             "new_tokens": args.new_tokens}
     report(meta, train, gen, Path(args.out))
+    for tree in dirs.values():
+        subprocess.run(["git", "worktree", "remove", "--force", str(Path(tree).parent)], cwd=REPO, capture_output=True)
     if tmp:
         tmp.cleanup()
-
-
-def cuda_main(args) -> None:
-    raise SystemExit("--device cuda: see below")
 
 
 if __name__ == "__main__":

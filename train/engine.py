@@ -26,7 +26,7 @@ from .config import ModelConfig, spec_of
 from .model import Expert, ImageEncoder, MoE, TextDecoder, check_divisible
 from .pipeline import forward_positions, load_stages
 from .recompute import Recompute
-from .parallel import ColumnLinear, Group, ParallelState, RowLinear, VocabEmbedding, init_parallel
+from .parallel import ColumnLinear, Group, ParallelState, RowLinear, VocabEmbedding, densify_grad, init_parallel
 from .parallel import recv_tensors, send_tensors
 
 
@@ -44,6 +44,11 @@ def squared_norm(t: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def fp32_copy(t: torch.Tensor) -> torch.Tensor:
+    """A loaded tensor as the fp32 training copy: one copy (a bf16 tensor's ``float()``), not a clone first."""
+    return t.clone() if t.dtype == torch.float32 else t.float()
+
+
 class TrainModel:
     def __init__(self, cfg: ModelConfig, layout: ParallelLayout, mm_dir, *, dp_size: int = 1,
                  train_vit: bool = False, train_projector: bool = True, train_llm: bool = True,
@@ -57,7 +62,7 @@ class TrainModel:
         self.ps = ps or init_parallel(layout.tp_size, layout.pp_size, layout.vit_tp_size, dp_size, layout.ep_size)
         self.last = layout.last_position("llm")
         self.emb_group = self._embedding_group()
-        self.stages, self.save_dtype = load_stages(cfg, layout, mm_dir, self.ps, prepare=lambda t: t.clone().float())
+        self.stages, self.save_dtype = load_stages(cfg, layout, mm_dir, self.ps, prepare=fp32_copy)
         trains = {"vision": train_vit, "projector": train_projector, "llm": train_llm}
         for stage in self.stages.values():  # saves keep the checkpoint's dtype (save_dtype); training runs in fp32
             stage.train()
@@ -71,6 +76,8 @@ class TrainModel:
                     m.recompute = (recompute or {}).get("llm", Recompute())
                 if isinstance(m, MoE):
                     m.shared_tokens = False  # each data-parallel rank brings its own tokens
+                if isinstance(m, VocabEmbedding):
+                    m.sparse_grad = True  # the rows of the micro-batch's tokens (reduce_grads makes it dense)
         # experts differ between the ranks of an EP group: their gradients are reduced over the ranks holding
         # the same experts (expert data parallel), everything else over all data-parallel ranks
         self.experts = {id(p) for s in self.stages.values() for m in s.modules() if isinstance(m, Expert)
@@ -260,6 +267,7 @@ class TrainModel:
         """Sum gradients over DP replicas and over the two copies of a tied embedding."""
         params = self.parameters()
         for p in params:
+            densify_grad(p)  # the embedding's sparse rows
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         for p in params:

@@ -82,7 +82,7 @@ def generate(rt: Runtime, inputs: dict, gen: GenerationConfig, step_logits: list
     seq = inputs["input_ids"][0].tolist()
     delta = inputs["rope_delta"]
     rt.reset_cache(gen.use_cache)
-    batch = rt.to_device(inputs)
+    batch = {**rt.to_device(inputs), "last_logits_only": True}  # only the last position's logits are used
     new: list[int] = []
     for _ in range(gen.max_new_tokens):
         logits = rt.step(batch)
@@ -98,7 +98,7 @@ def generate(rt: Runtime, inputs: dict, gen: GenerationConfig, step_logits: list
             break
         if gen.use_cache:  # decode one token: its mrope position is its index shifted by the image's delta
             pos = torch.full((3, 1, 1), len(seq) - 1 + delta, dtype=torch.long)
-            batch = {"input_ids": torch.tensor([[tok]]), "position_ids": pos}
+            batch = {"input_ids": torch.tensor([[tok]]), "position_ids": pos, "last_logits_only": True}
         else:
             pos = torch.cat([inputs["position_ids"], torch.arange(len(inputs["input_ids"][0]), len(seq))
                              .add(delta).view(1, 1, -1).expand(3, 1, -1)], dim=-1)

@@ -407,10 +407,12 @@ class TextDecoder(nn.Module):
             self.output_layer = OutputLayer(tc.vocab_size // group.size, tc.hidden_size)
 
     def forward(self, x, input_ids, image_embeds, position_ids, cache, pos, deepstack: dict | None = None,
-                cu_seqlens: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+                cu_seqlens: torch.Tensor | None = None, labels: torch.Tensor | None = None, last_only: bool = False):
         """``cu_seqlens``: a packed micro-batch (input_ids (1, T): samples back to back, each attending only to
         itself; position_ids restart with each sample). ``labels`` (training): the last position returns the
-        summed token loss ({"loss"}, see ``token_loss``) instead of the logits."""
+        summed token loss ({"loss"}, see ``token_loss``) instead of the logits. ``last_only`` (generation): the
+        logits of the last position only (the output layer is the largest matrix: a prefill of S tokens would
+        multiply S rows by it to use one)."""
         tc = self.cfg.text
         packed = None
         if cu_seqlens is not None:
@@ -434,6 +436,8 @@ class TextDecoder(nn.Module):
         x, _ = run_layers(step, x, len(self.decoder.layers), self.recompute if cache is None else Recompute())
         if not self.last:
             return {"hidden": x, **deepstack}
+        if last_only:
+            x = x[:, -1:]
         x = self.decoder.final_layernorm(x)
         weight = self.embedding.word_embeddings.weight if self.tied else self.output_layer.weight
         if labels is not None:
@@ -488,7 +492,8 @@ class StageModel(nn.Module):
             deepstack = {k: v for k, v in payload.items() if k.startswith("deepstack_")}
             payload = self.text_decoder(payload.get("hidden"), batch["input_ids"], payload.get("image_embeds"),
                                         batch["position_ids"], cache, self.pos, deepstack, batch.get("cu_seqlens"),
-                                        batch.get("labels") if self.returns_loss else None)
+                                        batch.get("labels") if self.returns_loss else None,
+                                        bool(batch.get("last_logits_only", False)))
             payload = real_vocab_logits(payload, self.vocab)
         return payload
 

@@ -307,7 +307,12 @@ class RowLinear(nn.Module):
 
 
 class VocabEmbedding(nn.Module):
-    """Rows [rank * V/tp, (rank+1) * V/tp) of the table; ids outside give zeros, the all-reduce fills them in."""
+    """Rows [rank * V/tp, (rank+1) * V/tp) of the table; ids outside give zeros, the all-reduce fills them in.
+    With ``sparse_grad`` (training sets it) its gradient is sparse, the rows of the micro-batch's tokens: added in
+    place into the dense gradient of a tied output layer, never a (vocab x hidden) table of zeros per micro-batch;
+    ``densify_grad`` makes it dense before the reductions and the optimizer."""
+
+    sparse_grad = False
 
     def __init__(self, vocab_local: int, hidden: int, group: Group):
         super().__init__()
@@ -316,16 +321,55 @@ class VocabEmbedding(nn.Module):
 
     def forward(self, ids):
         if self.group.size == 1:
-            return F.embedding(ids, self.weight)
+            return F.embedding(ids, self.weight, sparse=self.sparse_grad)
         start = self.group.rank * self.weight.shape[0]
         local = ids - start
         outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight, sparse=self.sparse_grad)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return self.group.all_reduce(out)
+
+
+def densify_grad(p: torch.Tensor) -> None:
+    """A sparse gradient (the embedding's) as the dense tensor the reductions and the optimizer take."""
+    if p.grad is not None and p.grad.is_sparse:
+        p.grad = p.grad.to_dense()
+
+
+class _OutputLinear(torch.autograd.Function):
+    """h @ W^T whose weight gradient is accumulated straight into ``W.grad`` (Megatron's gradient accumulation
+    fusion): the output layer's (vocab x hidden) gradient is not a separate tensor per micro-batch, added to
+    ``.grad`` afterwards."""
+
+    @staticmethod
+    def forward(ctx, h, weight):
+        ctx.save_for_backward(h)
+        ctx.weight = weight
+        return F.linear(h, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,), weight = ctx.saved_tensors, ctx.weight
+        grad_h = grad @ weight if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[1]:
+            g2, h2 = grad.reshape(-1, grad.shape[-1]), h.reshape(-1, h.shape[-1])
+            if weight.grad is None:
+                weight.grad = g2.t() @ h2
+            elif weight.grad.is_sparse:  # the tied embedding's rows came first
+                weight.grad = torch.addmm(weight.grad.to_dense(), g2.t(), h2)
+            else:
+                weight.grad.addmm_(g2.t(), h2)
+        return grad_h, None
+
+
+def output_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if (torch.is_grad_enabled() and weight.requires_grad and weight.is_leaf and h.dtype == weight.dtype
+            and not torch.is_autocast_enabled(h.device.type)):
+        return _OutputLinear.apply(h, weight)
+    return F.linear(h, weight)
 
 
 def vocab_logits(h: torch.Tensor, weight: torch.Tensor, group: Group) -> torch.Tensor:
     """Logits from a vocab slice of the output (or tied embedding) weight, gathered over TP so that every
     rank of the last stage holds all of them."""
-    return group.all_gather_last(F.linear(group.copy_in(h), weight))
+    return group.all_gather_last(output_linear(group.copy_in(h), weight))
