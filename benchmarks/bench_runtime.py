@@ -189,16 +189,17 @@ def worker_train_ours(job: dict) -> dict:
     tm = TrainModel(cfg, layout, job["mm"], train_vit=True)
     args = argparse.Namespace(weight_decay=0.0, lr=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8)
     opt = make_optimizer(args, tm)
-    packed = job["side"] == "ours-packed"
-    if packed:
-        from mm_train.batch import collate_packed
-        batches = [collate_packed(mb, cfg) for mb in micro_batches(samples, job["micro_batch"])]
-    else:
-        batches = [collate(mb, cfg) for mb in micro_batches(samples, job["micro_batch"])]
-    denom = float(sum(label_tokens(b) for b in batches))
+    from mm_train.batch import collate_packed
+    kinds = {"ours": ["padded"], "ours-packed": ["packed"], "ours-alternating": ["padded", "packed"]}[job["side"]]
+    sets = {"padded": [collate(mb, cfg) for mb in micro_batches(samples, job["micro_batch"])],
+            "packed": [collate_packed(mb, cfg) for mb in micro_batches(samples, job["micro_batch"])]}
+    denom = float(sum(label_tokens(b) for b in sets["padded"]))
     loaded = rss_now()
+    count = [0]
 
-    def step():
+    def step():  # "ours-alternating": a padded step, then a packed one, and so on (the same weights' speed)
+        batches = sets[kinds[count[0] % len(kinds)]]
+        count[0] += 1
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for b in batches:
@@ -208,7 +209,12 @@ def worker_train_ours(job: dict) -> dict:
         opt.step()
         return total
 
-    return timed_steps(step, job, loaded)
+    n = len(kinds)
+    out = timed_steps(step, {**job, "warmup": job["warmup"] * n, "steps": job["steps"] * n}, loaded)
+    if n > 1:
+        for i, kind in enumerate(kinds):
+            out[f"{kind}_s"], out[f"{kind}_cpu_s"] = out["step_s"][i::n], out["cpu_s"][i::n]
+    return out
 
 
 def timed_steps(step, job: dict, loaded: int, **extra) -> dict:
@@ -315,7 +321,7 @@ def timed_generation(gen, job: dict, prompt_len: int) -> dict:
 
 
 WORKERS = {"train:transformers": worker_train_hf, "train:ours": worker_train_ours,
-           "train:ours-packed": worker_train_ours, "generate:transformers": worker_generate_hf,
+           "train:ours-packed": worker_train_ours, "train:ours-alternating": worker_train_ours, "generate:transformers": worker_generate_hf,
            "generate:ours": worker_generate_ours}
 
 
@@ -390,7 +396,10 @@ def report(meta: dict, train: dict, gen: dict, out: Path) -> None:
                   "| side | best wall s | median wall s | wall vs transformers | best CPU s | CPU vs transformers "
                   "| peak RSS GiB (vs transformers) | RSS after load GiB |",
                   "|---|---|---|---|---|---|---|---|"]
+        alternating = train.get("ours-alternating")
         for side, runs in train.items():
+            if side == "ours-alternating":
+                continue
             steps = [t for r in runs for t in r["step_s"]]
             cpu = [t for r in runs for t in r["cpu_s"]]
             rss = max(r["peak_rss"] for r in runs)
@@ -401,9 +410,27 @@ def report(meta: dict, train: dict, gen: dict, out: Path) -> None:
                   "process):", ""]
         for side, runs in train.items():
             for k, r in enumerate(runs):
-                lines.append(f"- {side}, round {k}: " + ", ".join(f"{w:.2f} / {c:.2f}" for w, c in
+                label = side + (" (padded, packed, ... alternating)" if side == "ours-alternating" else "")
+                lines.append(f"- {label}, round {k}: " + ", ".join(f"{w:.2f} / {c:.2f}" for w, c in
                                                                    zip(r["step_s"], r["cpu_s"]))
                              + f" (load {r['load_before']:.1f} -> {r['load_after']:.1f}; peak RSS {gib(r['peak_rss'])})")
+        if alternating:
+            pad = [t for r in alternating for t in r["padded_s"]]
+            pk = [t for r in alternating for t in r["packed_s"]]
+            pad_c = [t for r in alternating for t in r["padded_cpu_s"]]
+            pk_c = [t for r in alternating for t in r["packed_cpu_s"]]
+            ratios = [b / a for a, b in zip(pad, pk)]
+            lines += ["", "### Packed vs padded, alternating step by step in one process", "",
+                      "A padded step, then a packed one, on the same model (the weights move on; the work per step does "
+                      "not), so both see the same machine load. Packed / padded of each pair (wall): "
+                      + ", ".join(f"{x:.2f}" for x in ratios) + f"; median {statistics.median(ratios):.2f}.", "",
+                      "| micro-batches | best wall s | median wall s | best CPU s | median CPU s |", "|---|---|---|---|---|",
+                      f"| padded | {min(pad):.2f} | {statistics.median(pad):.2f} | {min(pad_c):.2f} | "
+                      f"{statistics.median(pad_c):.2f} |",
+                      f"| packed | {min(pk):.2f} | {statistics.median(pk):.2f} | {min(pk_c):.2f} | "
+                      f"{statistics.median(pk_c):.2f} |", "",
+                      "Every pair (padded wall / CPU s, packed wall / CPU s): "
+                      + "; ".join(f"{a:.2f} / {c:.2f}, {b:.2f} / {d:.2f}" for a, c, b, d in zip(pad, pad_c, pk, pk_c))]
         lines += ["", "Loss of the first step (the same samples and weights): "
                   + ", ".join(f"{s} {runs[0]['losses'][0]:.6f}" for s, runs in train.items()), ""]
     if gen:
@@ -441,7 +468,9 @@ def main() -> None:
     a.add_argument("--rounds", type=int, default=1)
     a.add_argument("--new-tokens", type=int, help="default: 32 on CPU, 128 on CUDA")
     a.add_argument("--gen-runs", type=int, default=3)
-    a.add_argument("--sides", default="transformers,ours,ours-packed")
+    a.add_argument("--sides", default="transformers,ours,ours-packed,ours-alternating",
+                   help="ours-alternating: padded and packed steps alternating in one process (the packed / padded "
+                        "ratio without the machine's drift between processes)")
     a.add_argument("--what", help="train,generate (CPU default); generate (CUDA default)")
     a.add_argument("--workdir", help="keep the checkpoints here (reused by later runs)")
     a.add_argument("--baseline", metavar="COMMIT", help="also train with the runtime of this commit (a git worktree "
@@ -479,7 +508,7 @@ def main() -> None:
             "steps": args.steps, "new_tokens": args.new_tokens, "gen_runs": args.gen_runs}
     sides = args.sides.split(",")
     train: dict = {s: [] for s in sides} if "train" in args.what else {}
-    gen: dict = {s: [] for s in sides if s != "ours-packed"} if "generate" in args.what else {}
+    gen: dict = {s: [] for s in sides if s in ("transformers", "ours")} if "generate" in args.what else {}
     dirs = {}
     if args.baseline:
         rev = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=REPO, capture_output=True, text=True,

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "bad samples; without --variable-seq-lengths, pp > 1 pads every micro-batch to it")
     g.add_argument("--variable-seq-lengths", action="store_true", help="micro-batches keep their own length "
                    "between pipeline stages (Megatron pads them to --seq-length otherwise)")
+    g.add_argument("--packed-sequences", action="store_true",
+                   help="each micro-batch's samples back to back without padding, attention inside each sample "
+                        "(cu_seqlens) and positions restarting per sample; the same loss and gradients as padded "
+                        "micro-batches, less compute (MindSpeed-MM's model.json text_decoder.use_remove_padding)")
     g.add_argument("--vocab-size", type=int, help="checked against the model's vocabulary")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=1,
                    help="checked: the checkpoint's vocabulary rows are vocab-size padded to a multiple of N x TP")
@@ -144,7 +148,8 @@ def no_effect_flags(args) -> list[str]:
 def apply_model_json(args) -> None:
     """The seeds' model.json: each module's ``freeze`` (the flags can only unfreeze the vision encoder or freeze
     more), the vision encoder's recomputation (and the text decoder's, where the flags set none), and both
-    modules' ``pipeline_num_layers`` (kept in ``args.mm_layout`` to check against the checkpoint)."""
+    modules' ``pipeline_num_layers`` (kept in ``args.mm_layout`` to check against the checkpoint), and the text
+    decoder's ``use_remove_padding`` (packed sequences, as ``--packed-sequences``)."""
     if not args.mm_model:
         return
     where = args.mm_model
@@ -155,6 +160,7 @@ def apply_model_json(args) -> None:
         args.train_vit = not vit["freeze"]
     args.freeze_projector = args.freeze_projector or bool(proj.get("freeze", False))
     args.freeze_llm = args.freeze_llm or bool(llm.get("freeze", False))
+    args.packed_sequences = args.packed_sequences or bool(llm.get("use_remove_padding", False))
     args.vit_recompute = _module_recompute(vit, f"{where}: image_encoder.vision_encoder")
     if args.llm_recompute == Recompute():
         args.llm_recompute = _module_recompute(llm, f"{where}: text_decoder")

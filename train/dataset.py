@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from mm_convert.errors import DataError
 
-from .batch import collate
+from .batch import collate, collate_packed
 from .config import ModelConfig
 from .data import IGNORE, IMAGE_PAD, BadSample, DataConfig, Encoded, checked_encoding, encode, load_data_config, read_samples
 from .inputs import load_processors
@@ -68,6 +68,7 @@ class Data:
         self.encoding = dc.encoding()
         self.pad = self.tok.convert_tokens_to_ids(IMAGE_PAD)
         self.cfg = cfg
+        self.collate = collate_packed if getattr(args, "packed_sequences", False) else collate
         self.root = dc.dataset_dir
         parsed, bad = read_samples(dc)
         total = len(parsed) + len(bad)
@@ -135,8 +136,8 @@ class Data:
         if not idx:
             enc = self.encoded(self.filler)
             enc["labels"] = torch.full_like(enc["labels"], IGNORE)
-            return collate([enc], self.cfg, self.tok.pad_token_id or 0)
-        return collate([self.encoded(i) for i in idx], self.cfg, self.tok.pad_token_id or 0)
+            return self.collate([enc], self.cfg, self.tok.pad_token_id or 0)
+        return self.collate([self.encoded(i) for i in idx], self.cfg, self.tok.pad_token_id or 0)
 
 
 def _global_rank() -> int:

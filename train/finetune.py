@@ -87,6 +87,8 @@ def train(args) -> None:
     ps = tm.ps
     check_trainable(args, tm)
     fixed = args.seq_length if layout.pp_size > 1 and not args.variable_seq_lengths else None
+    if fixed and args.packed_sequences:  # a packed micro-batch holds up to micro-batch-size samples in one row
+        fixed *= args.micro_batch_size
     opt = make_optimizer(args, tm)
     data = Data(args, cfg, dp, ps.dp_rank)
     state = saving.load(args.load, tm, opt, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng)
