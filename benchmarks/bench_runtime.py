@@ -189,10 +189,11 @@ def worker_train_ours(job: dict) -> dict:
     tm = TrainModel(cfg, layout, job["mm"], train_vit=True)
     args = argparse.Namespace(weight_decay=0.0, lr=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8)
     opt = make_optimizer(args, tm)
-    from mm_train.batch import collate_packed
-    kinds = {"ours": ["padded"], "ours-packed": ["packed"], "ours-alternating": ["padded", "packed"]}[job["side"]]
-    sets = {"padded": [collate(mb, cfg) for mb in micro_batches(samples, job["micro_batch"])],
-            "packed": [collate_packed(mb, cfg) for mb in micro_batches(samples, job["micro_batch"])]}
+    kinds = {"ours-packed": ["packed"], "ours-alternating": ["padded", "packed"]}.get(job["side"], ["padded"])
+    sets = {"padded": [collate(mb, cfg) for mb in micro_batches(samples, job["micro_batch"])]}
+    if "packed" in kinds:  # (a baseline commit may not have it)
+        from mm_train.batch import collate_packed
+        sets["packed"] = [collate_packed(mb, cfg) for mb in micro_batches(samples, job["micro_batch"])]
     denom = float(sum(label_tokens(b) for b in sets["padded"]))
     loaded = rss_now()
     count = [0]
@@ -320,7 +321,143 @@ def timed_generation(gen, job: dict, prompt_len: int) -> dict:
             "peak_rss": peak_rss()}
 
 
-WORKERS = {"train:transformers": worker_train_hf, "train:ours": worker_train_ours,
+# ---- findings: each before / after in isolation (issue 14's profile candidates) --------------------------------
+# "before" re-implements the code the runtime had at the commit before the change (71a3bc6), "after" calls today's.
+FINDINGS = {
+    "loss": ("cross-entropy over the full vocabulary: output layer + CE forward and backward, 2 micro-batches of the "
+             "benchmark's samples (batch 2, 477 positions, 272 with a label)", ["before", "label-rows", "label-rows+fused-grad"]),
+    "grad_norm": ("global grad norm over the cut 3B's trainable gradients (540M values)", ["before", "after"]),
+    "embedding_grad": ("tied embedding's gradient: its lookup backward added to the output layer's dense gradient, "
+                       "2 micro-batches of 954 tokens", ["before", "after"]),
+    "vision_windows": ("vision window attention of the 4 benchmark images (3168 patches, 16 heads x 80; windows of 64 "
+                       "patches and smaller edge windows), forward and backward", ["before", "after"]),
+    "prefill_logits": ("generation prefill: output layer over a 326-token prompt's final hidden states", ["before", "after"]),
+    "load_copy": ("fp32 training copy of a loaded bf16 embedding (151936 x 2048)", ["before", "after"]),
+}
+
+
+def _finding_setup(name: str, variant: str):
+    """Inputs and the timed function of one finding's variant."""
+    import torch
+    import torch.nn.functional as F
+
+    from mm_train.parallel import Group, VocabEmbedding, output_linear
+
+    g = torch.Generator().manual_seed(0)
+    hidden, vocab = 2048, 151936
+    one = Group(None, 0, 1)
+    if name == "loss":
+        from mm_train.model import token_loss
+        w = torch.nn.Parameter(torch.randn(vocab, hidden, generator=g) * 0.02)
+        hs = [torch.randn(2, 477, hidden, generator=g).requires_grad_() for _ in range(2)]
+        labels = torch.full((2, 477), IGNORE)
+        labels[0, 459 - 121:459], labels[1, 477 - 151:] = 1, 2
+
+        def run():
+            w.grad = None
+            for h in hs:
+                if variant == "before":  # engine.py at 71a3bc6: logits of every position, sliced, then CE
+                    logits = F.linear(h, w).float()[:, :-1]
+                    loss = F.cross_entropy(logits.reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=IGNORE,
+                                           reduction="sum")
+                elif variant == "label-rows":  # the labelled rows only, the weight gradient through autograd
+                    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+                    rows = (target != IGNORE).nonzero().squeeze(1)
+                    logits = F.linear(h.reshape(-1, hidden).index_select(0, rows), w)
+                    loss = F.cross_entropy(logits, target.index_select(0, rows), reduction="sum")
+                else:
+                    loss = token_loss(h, w, one, labels, vocab)
+                loss.backward()
+        return run
+    if name == "grad_norm":
+        from mm_train.engine import squared_norm
+        shapes = [(vocab, hidden)] + [(2 * 11008, hidden), (hidden, 11008), (2560, hidden), (hidden, hidden)] * 2 + \
+            [(3 * 1280, 1280), (1280, 1280), (2 * 3420, 1280), (1280, 3420)] * 2 + [(5120, 5120), (2048, 5120)]
+        grads = [torch.randn(s, generator=g) for s in shapes]
+
+        def run():
+            if variant == "before":  # engine.grad_norm at 71a3bc6
+                return float(sum(p.double().pow(2).sum() for p in grads)) ** 0.5
+            return float(sum(squared_norm(p) for p in grads)) ** 0.5
+        return run
+    if name == "embedding_grad":
+        emb = VocabEmbedding(vocab, hidden, one)
+        emb.weight = torch.nn.Parameter(torch.randn(vocab, hidden, generator=g) * 0.02)
+        emb.sparse_grad = variant == "after"
+        ids = [torch.randint(0, vocab, (2, 477), generator=g) for _ in range(2)]
+        emb.weight.grad = torch.randn(vocab, hidden, generator=g)  # the output layer's gradient, already there
+
+        def run():
+            for i in ids:
+                emb(i).sum().backward()
+        return run
+    if name == "vision_windows":
+        from mm_train.kernels import TorchKernels
+        from mm_train.positions import window_order
+        grids = torch.tensor([[1, 32, 32], [1, 24, 24], [1, 32, 28], [1, 28, 24]])
+        _, cu = window_order(grids, 2, 112, 14)
+        n = int(cu[-1])
+        q, k, v = (torch.randn(n, 16, 80, generator=g).requires_grad_() for _ in range(3))
+
+        def run():
+            if variant == "before":  # VisionAttention.forward at 71a3bc6: one SDPA call per window
+                bounds, out = cu.tolist(), []
+                for a, b in zip(bounds[:-1], bounds[1:]):
+                    qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+                    out.append(F.scaled_dot_product_attention(qs, ks, vs).squeeze(0).transpose(0, 1))
+                o = torch.cat(out)
+            else:
+                o = TorchKernels().varlen_attention(q, k, v, cu, None, causal=False)
+            o.sum().backward()
+        return run
+    if name == "prefill_logits":
+        w = torch.randn(vocab, hidden, generator=g) * 0.02
+        h = torch.randn(1, 326, hidden, generator=g)
+
+        def run():
+            with torch.inference_mode():
+                return output_linear(h if variant == "before" else h[:, -1:], w)
+        return run
+    if name == "load_copy":
+        t = (torch.randn(vocab, hidden, generator=g) * 0.02).to(torch.bfloat16)
+
+        def run():
+            from mm_train.engine import fp32_copy
+            return t.clone().float() if variant == "before" else fp32_copy(t)
+        return run
+    raise ValueError(name)
+
+
+def worker_finding(job: dict) -> dict:
+    import gc
+
+    run = _finding_setup(job["finding"], job["variant"])
+    gc.collect()
+    base = rss_now()
+    times = []
+    for i in range(1 + job["reps"]):
+        t0 = time.perf_counter()
+        run()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return {"times": times, "peak_over_setup": peak_rss() - base}
+
+
+def findings_report(found: dict) -> list[str]:
+    lines = ["## Findings: each change before / after, in isolation", "",
+             "Each variant in its own process (peak RSS over what its inputs hold), 1 warm-up then timed repetitions; "
+             "the variants alternate, round after round. 'before' re-implements the runtime's code at 71a3bc6.", "",
+             "| finding | variant | best s | every run (s) | peak RSS over inputs GiB |", "|---|---|---|---|---|"]
+    for name, variants in found.items():
+        for variant, runs in variants.items():
+            times = [t for r in runs for t in r["times"]]
+            lines.append(f"| {name} | {variant} | {min(times):.3f} | {', '.join(f'{t:.3f}' for t in times)} | "
+                         f"{gib(max(r['peak_over_setup'] for r in runs))} |")
+    lines += [""] + [f"- {name}: {desc}" for name, (desc, _) in FINDINGS.items()] + [""]
+    return lines
+
+
+WORKERS = {"finding": worker_finding, "train:transformers": worker_train_hf, "train:ours": worker_train_ours,
            "train:ours-packed": worker_train_ours, "train:ours-alternating": worker_train_ours, "generate:transformers": worker_generate_hf,
            "generate:ours": worker_generate_ours}
 
@@ -378,7 +515,7 @@ def gib(b: float) -> str:
     return f"{b / 2**30:.2f}"
 
 
-def report(meta: dict, train: dict, gen: dict, out: Path) -> None:
+def report(meta: dict, train: dict, gen: dict, out: Path, found: dict | None = None) -> None:
     lines = [f"# Runtime vs transformers ({meta['device']})", "",
              f"Command: `{meta['command']}`  ", f"Date: {meta['date']}, git commit {meta['commit']}  ",
              f"Machine: {meta['machine']}  ",
@@ -446,10 +583,13 @@ def report(meta: dict, train: dict, gen: dict, out: Path) -> None:
                          f"{', '.join(f'{t:.3f}' for t in p)} | {gib(max(r['peak_rss'] for r in runs))} | "
                          f"{all(r['ids'] == ref for r in runs)} |")
         lines.append("")
+    if found:
+        lines += findings_report(found)
     lines += ["## Sampler", "", "BucketBatchSampler vs random step time on a length-varied set: "
               "`benchmarks/bench_sampler.py`, results in `benchmarks/sampler_results.md`.", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "train": train, "generate": gen}, indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "train": train, "generate": gen,
+                                                    "findings": found or {}}, indent=1) + "\n")
     print("\n".join(lines))
 
 
@@ -471,7 +611,9 @@ def main() -> None:
     a.add_argument("--sides", default="transformers,ours,ours-packed,ours-alternating",
                    help="ours-alternating: padded and packed steps alternating in one process (the packed / padded "
                         "ratio without the machine's drift between processes)")
-    a.add_argument("--what", help="train,generate (CPU default); generate (CUDA default)")
+    a.add_argument("--what", help="train,generate,findings (CPU default: train,generate); generate (CUDA default); "
+                   "findings: each change of docs/performance.md's runtime section before / after, in isolation")
+    a.add_argument("--finding-reps", type=int, default=3)
     a.add_argument("--workdir", help="keep the checkpoints here (reused by later runs)")
     a.add_argument("--baseline", metavar="COMMIT", help="also train with the runtime of this commit (a git worktree "
                    "in the workdir), side 'ours@COMMIT': the before of a before / after")
@@ -520,7 +662,15 @@ def main() -> None:
         side = f"ours@{rev}"
         train = {side: [], **train} if train else train
         dirs[side] = str(tree / "train")
+    found: dict = {n: {v: [] for v in FINDINGS[n][1]} for n in FINDINGS} if "findings" in args.what else {}
     for r in range(args.rounds):
+        for name, variants in found.items():
+            for v in variants:
+                res = run_worker({**base, "kind": "finding", "side": f"{name}-{v}", "finding": name, "variant": v,
+                                  "reps": args.finding_reps}, work)
+                variants[v].append(res)
+                print(f"round {r} finding {name} {v}: {[round(t, 3) for t in res['times']]} s, peak over inputs "
+                      f"{gib(res['peak_over_setup'])} GiB", flush=True)
         for s in train:
             prof = {"profile": str(work / f"profile_{s}.txt")} if args.profile and r == 0 else {}
             kind = "train:ours" if s.startswith("ours@") else f"train:{s}"
@@ -551,7 +701,7 @@ def main() -> None:
                             f"{args.micro_batch}, one global batch of {len(samples)} per step",
             "threads": args.threads, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
             "new_tokens": args.new_tokens}
-    report(meta, train, gen, Path(args.out))
+    report(meta, train, gen, Path(args.out), found)
     for tree in dirs.values():
         subprocess.run(["git", "worktree", "remove", "--force", str(Path(tree).parent)], cwd=REPO, capture_output=True)
     if tmp:
